@@ -1,0 +1,771 @@
+"""Load and validate ``config.toml`` into frozen dataclasses.
+
+Every problem in the file is collected, prefixed by its key path (``ingest.settle_seconds``),
+and raised at once in one :class:`ConfigError`, so an admin fixes the file in one pass. The CLI
+turns that into exit status :data:`EX_CONFIG` (78), which the systemd unit does not restart on.
+
+This module imports the standard library only: it runs before anything else is set up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import string
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "ENV_VAR",
+    "EX_CONFIG",
+    "SYSTEM_CONFIG_PATH",
+    "Config",
+    "ConfigError",
+    "IngestConfig",
+    "LoggingConfig",
+    "PathsConfig",
+    "SortingConfig",
+    "alias_spelling_key",
+    "find_config_file",
+    "load_config",
+    "render_config",
+]
+
+EX_CONFIG: Final = 78  # sysexits.h: configuration error
+ENV_VAR: Final = "DCMDB_CONFIG"
+SYSTEM_CONFIG_PATH: Final = Path("/etc/dcmdb/config.toml")
+
+OBSERVERS: Final = ("inotify", "polling")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+# The components of a PN value's alphabetic group, PS3.5 6.2.1.1, in their DICOM order.
+PN_COMPONENTS: Final = ("family", "given", "middle", "prefix", "suffix")
+# Characters Windows clients cannot use in a name on the SMB share, plus the path separators.
+FORBIDDEN_FOLDER_CHARS: Final = '/\\:*?"<>|'
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ERROR_POSITION = re.compile(
+    r"^(?P<what>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$"
+)
+_TOML_ERROR_AT_END = re.compile(r"^(?P<what>.*) \(at end of document\)$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``errors`` holds every problem, one message each."""
+
+    def __init__(self, errors: str | Iterable[str]) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__(tuple(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+class _FrozenMapping(Mapping[str, tuple[str, ...]]):
+    """A read-only, hashable mapping, so config sections stay hashable (e.g. as cache keys)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Iterable[str]] | None = None) -> None:
+        self._data: dict[str, tuple[str, ...]] = {
+            key: tuple(values) for key, values in (data or {}).items()
+        }
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._data == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{key!r}: {value!r}' for key, value in self._data.items())}}}"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """The four folders of the volume; absolute, resolved, distinct and not nested."""
+
+    incoming: Path
+    archive: Path
+    quarantine: Path
+    state: Path
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    observer: str = "inotify"  # "polling" for network mounts, which send no inotify events
+    polling_interval_seconds: float = 2.0
+    # A file with no close-write event is taken once its size and mtime are unchanged this long.
+    settle_seconds: float = 10.0
+    # A truncated or unreadable file unchanged this long is quarantined.
+    incomplete_timeout_seconds: float = 300.0
+    # Full scan of incoming/: inotify drops events silently when its queue overflows.
+    rescan_seconds: float = 60.0
+    empty_folder_grace_seconds: float = 300.0
+    parse_workers: int = 0  # 0 = one per CPU core
+    batch_size: int = 256  # files per catalog transaction
+
+
+@dataclass(frozen=True)
+class SortingConfig:
+    folder_template: str = "{family}_{given}"
+    unknown_folder: str = "unknown"
+    max_folder_length: int = 64
+    # Folder name -> Referring Physician spellings (DICOM PN form, e.g. "SMITH^J").
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=_FrozenMapping)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.aliases, _FrozenMapping):
+            object.__setattr__(self, "aliases", _FrozenMapping(self.aliases))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path  # the config file that was loaded (absolute)
+    paths: PathsConfig
+    ingest: IngestConfig
+    sorting: SortingConfig
+    logging: LoggingConfig
+
+
+_SECTIONS: Final = {
+    "paths": PathsConfig,
+    "ingest": IngestConfig,
+    "sorting": SortingConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _keys(section: type) -> tuple[str, ...]:
+    return tuple(item.name for item in fields(section))
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the file
+
+
+def find_config_file(
+    explicit: str | None,
+    environ: Mapping[str, str],
+    *,
+    system_config: Path = SYSTEM_CONFIG_PATH,
+) -> Path:
+    """The config file to load, as an absolute path.
+
+    Order: ``explicit`` (``--config``) > ``environ["DCMDB_CONFIG"]`` > ``./config.toml`` >
+    ``system_config`` (``/etc/dcmdb/config.toml``). A path the admin named that does not exist
+    is an error rather than a silent fall-through to another file. An empty ``DCMDB_CONFIG``
+    counts as unset.
+    """
+    if explicit is not None:
+        return _named_file(explicit, "--config")
+    from_env = environ.get(ENV_VAR, "")
+    if from_env:
+        return _named_file(from_env, ENV_VAR)
+    tried = [Path.cwd() / "config.toml", system_config]
+    for candidate in tried:
+        if candidate.exists():
+            return Path(os.path.abspath(candidate))
+    listed = ", ".join(str(candidate) for candidate in tried)
+    raise ConfigError(
+        f"no config file found (tried {listed}); name one with --config PATH or {ENV_VAR}=PATH"
+    )
+
+
+def _named_file(given: str, origin: str) -> Path:
+    try:
+        path = Path(given).expanduser()
+    except RuntimeError as exc:
+        raise ConfigError(f"{origin} {given}: cannot expand '~': {exc}") from exc
+    if not path.exists():
+        raise ConfigError(f"{origin} {given}: no such file")
+    return Path(os.path.abspath(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    source = Path(os.path.abspath(path.expanduser()))
+    document = _read_toml(source)
+    errors: list[str] = []
+    config = _build_config(document, source, errors)
+    if errors or config is None:
+        raise ConfigError(errors or [f"{source}: invalid configuration"])
+    return config
+
+
+def _read_toml(source: Path) -> dict[str, object]:
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{source}: line {line}: not UTF-8 text (TOML must be UTF-8)") from exc
+    try:
+        # Editors on Windows may prepend a byte order mark, which TOML does not allow.
+        return tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {_describe_toml_error(exc)}") from exc
+
+
+def _describe_toml_error(exc: tomllib.TOMLDecodeError) -> str:
+    message = str(exc)
+    if match := _TOML_ERROR_POSITION.match(message):
+        return (
+            f"TOML syntax error at line {match['line']}, column {match['column']}: {match['what']}"
+        )
+    if match := _TOML_ERROR_AT_END.match(message):
+        return f"TOML syntax error at end of file: {match['what']}"
+    return f"TOML syntax error: {message}"
+
+
+def _build_config(document: Mapping[str, object], source: Path, errors: list[str]) -> Config | None:
+    for name, value in document.items():
+        if name not in _SECTIONS:
+            errors.append(_unknown_top_level(name, value))
+    paths = _load_paths(document, source, errors)
+    ingest = _load_ingest(_optional_table(document, "ingest", errors), errors)
+    sorting = _load_sorting(_optional_table(document, "sorting", errors), errors)
+    logging = _load_logging(_optional_table(document, "logging", errors), errors)
+    if paths is None:
+        return None
+    return Config(source=source, paths=paths, ingest=ingest, sorting=sorting, logging=logging)
+
+
+def _unknown_top_level(name: str, value: object) -> str:
+    shown = _key_path(name)
+    if isinstance(value, dict):
+        return f"{shown}: unknown section{_suggest(name, _SECTIONS)}"
+    owners = [section for section, cls in _SECTIONS.items() if name in _keys(cls)]
+    if owners:
+        return f"{shown}: unknown top-level key; it belongs under [{owners[0]}]"
+    return f"{shown}: unknown key{_suggest(name, _SECTIONS)}"
+
+
+def _optional_table(
+    document: Mapping[str, object], name: str, errors: list[str]
+) -> Mapping[str, object]:
+    value = document.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        errors.append(f"{name}: expected a table [{name}], got {_describe(value)}")
+        return {}
+    return value
+
+
+class _Section:
+    """Typed access to one table; every problem is appended to ``errors`` with its key path."""
+
+    def __init__(
+        self,
+        prefix: tuple[str, ...],
+        table: Mapping[str, object],
+        known: Iterable[str],
+        errors: list[str],
+    ) -> None:
+        self.prefix = prefix
+        self.table = table
+        self.errors = errors
+        known = tuple(known)
+        for key in table:
+            if key not in known:
+                self.error(key, f"unknown key{_suggest(key, known)}")
+
+    def path(self, key: str) -> str:
+        return _key_path(*self.prefix, key)
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.path(key)}: {message}")
+
+    def number(self, key: str, default: float, *, minimum: float, exclusive: bool) -> float:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        expected = f"expected a number {'>' if exclusive else '>='} {minimum:g}"
+        if (
+            isinstance(value, bool)  # bool is an int subclass, but `true` is not a duration
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < minimum
+            or (exclusive and value == minimum)
+        ):
+            self.error(key, f"{expected}, got {_describe(value)}")
+            return default
+        return float(value)
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if maximum is None:
+            expected = f"expected an integer >= {minimum}"
+        else:
+            expected = f"expected an integer from {minimum} to {maximum}"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            self.error(key, f"{expected}, got {_describe(value)}")
+            return default
+        return value
+
+    def string(self, key: str, default: str) -> str:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not isinstance(value, str):
+            self.error(key, f"expected a string, got {_describe(value)}")
+            return default
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices``, compared case-insensitively and stored lowercase."""
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        expected = "expected one of " + ", ".join(_toml_string(choice) for choice in choices)
+        if not isinstance(value, str):
+            self.error(key, f"{expected}, got {_describe(value)}")
+            return default
+        lowered = value.lower()
+        if lowered not in choices:
+            self.error(key, f"{expected}, got {_describe(value)}{_suggest(lowered, choices)}")
+            return default
+        return lowered
+
+
+def _load_paths(
+    document: Mapping[str, object], source: Path, errors: list[str]
+) -> PathsConfig | None:
+    required = _keys(PathsConfig)
+    table = document.get("paths")
+    if table is None:
+        errors.append(
+            f"paths: missing required section [paths] with keys {', '.join(required)} "
+            "(absolute, or relative to the config file's folder)"
+        )
+        return None
+    if not isinstance(table, dict):
+        errors.append(f"paths: expected a table [paths], got {_describe(table)}")
+        return None
+    section = _Section(("paths",), table, required, errors)
+    resolved: dict[str, Path] = {}
+    for key in required:
+        if key not in table:
+            section.error(
+                key, "missing required key (absolute, or relative to the config file's folder)"
+            )
+            continue
+        path = _resolve_path(section, key, table[key], source.parent)
+        if path is not None:
+            resolved[key] = path
+    _check_paths_apart(resolved, source, errors)
+    if len(resolved) != len(required):
+        return None
+    return PathsConfig(**resolved)
+
+
+def _resolve_path(section: _Section, key: str, value: object, base: Path) -> Path | None:
+    if not isinstance(value, str) or not value.strip():
+        section.error(key, f"expected a path (a non-empty string), got {_describe(value)}")
+        return None
+    if "\x00" in value:
+        section.error(key, "must not contain a NUL character")
+        return None
+    try:
+        expanded = Path(value).expanduser()
+    except RuntimeError as exc:  # unknown ~user, or no home directory
+        section.error(key, f"cannot expand '~' in {_describe(value)}: {exc}")
+        return None
+    try:
+        # Relative paths are relative to the config file, not to wherever the daemon started.
+        return (base / expanded).resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loop
+        section.error(key, f"cannot resolve {_describe(value)}: {exc}")
+        return None
+
+
+def _check_paths_apart(resolved: Mapping[str, Path], source: Path, errors: list[str]) -> None:
+    """Ingest would eat its own output if one folder were inside another."""
+    items = list(resolved.items())
+    for index, (first_key, first) in enumerate(items):
+        for second_key, second in items[index + 1 :]:
+            if first == second:
+                errors.append(
+                    f"paths.{second_key}: must differ from paths.{first_key} (both are {first})"
+                )
+            elif first.is_relative_to(second):
+                errors.append(
+                    f"paths.{first_key}: must not be inside paths.{second_key} "
+                    f"({first} is inside {second})"
+                )
+            elif second.is_relative_to(first):
+                errors.append(
+                    f"paths.{second_key}: must not be inside paths.{first_key} "
+                    f"({second} is inside {first})"
+                )
+    incoming = resolved.get("incoming")
+    if incoming is not None:
+        try:
+            real_source = source.resolve()
+        except (OSError, RuntimeError):
+            real_source = source
+        if real_source.is_relative_to(incoming):
+            errors.append(
+                f"paths.incoming: must not contain the config file ({real_source} is inside "
+                f"{incoming}); ingest would quarantine it"
+            )
+
+
+def _load_ingest(table: Mapping[str, object], errors: list[str]) -> IngestConfig:
+    default = IngestConfig()
+    section = _Section(("ingest",), table, _keys(IngestConfig), errors)
+    errors_before = len(errors)
+    settle = section.number("settle_seconds", default.settle_seconds, minimum=0, exclusive=False)
+    incomplete = section.number(
+        "incomplete_timeout_seconds",
+        default.incomplete_timeout_seconds,
+        minimum=0,
+        exclusive=True,
+    )
+    if len(errors) == errors_before and incomplete < settle:
+        # A file must get the chance to settle before it can be judged truncated.
+        section.error(
+            "incomplete_timeout_seconds",
+            f"must be at least ingest.settle_seconds ({settle:g}), or files still being "
+            "written would be quarantined",
+        )
+    return IngestConfig(
+        observer=section.choice("observer", default.observer, OBSERVERS),
+        polling_interval_seconds=section.number(
+            "polling_interval_seconds",
+            default.polling_interval_seconds,
+            minimum=0,
+            exclusive=True,
+        ),
+        settle_seconds=settle,
+        incomplete_timeout_seconds=incomplete,
+        rescan_seconds=section.number(
+            "rescan_seconds", default.rescan_seconds, minimum=0, exclusive=True
+        ),
+        empty_folder_grace_seconds=section.number(
+            "empty_folder_grace_seconds",
+            default.empty_folder_grace_seconds,
+            minimum=0,
+            exclusive=False,
+        ),
+        parse_workers=section.integer("parse_workers", default.parse_workers, minimum=0),
+        batch_size=section.integer("batch_size", default.batch_size, minimum=1, maximum=10000),
+    )
+
+
+def _load_sorting(table: Mapping[str, object], errors: list[str]) -> SortingConfig:
+    default = SortingConfig()
+    section = _Section(("sorting",), table, _keys(SortingConfig), errors)
+    max_length = section.integer(
+        "max_folder_length", default.max_folder_length, minimum=8, maximum=200
+    )
+    template = section.string("folder_template", default.folder_template)
+    for problem in _template_problems(template):
+        section.error("folder_template", problem)
+    unknown_folder = section.string("unknown_folder", default.unknown_folder)
+    if folder_problem := _folder_name_problem(unknown_folder, max_length):
+        section.error("unknown_folder", folder_problem)
+    aliases = _load_aliases(section, unknown_folder, max_length)
+    return SortingConfig(
+        folder_template=template,
+        unknown_folder=unknown_folder,
+        max_folder_length=max_length,
+        aliases=aliases,
+    )
+
+
+def _template_problems(template: str) -> list[str]:
+    allowed = ", ".join(f"{{{name}}}" for name in PN_COMPONENTS)
+    if not template:
+        return [f"must not be empty; use some of {allowed}"]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"]
+    problems: list[str] = []
+    literal = ""
+    placeholders = 0
+    for text, name, format_spec, conversion in parsed:
+        literal += text
+        if name is None:
+            continue
+        placeholders += 1
+        shown = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{format_spec}" if format_spec else "")
+            + "}"
+        )
+        if name not in PN_COMPONENTS:
+            hint = _suggest(name, PN_COMPONENTS, wrap="{}")
+            problems.append(f"unknown placeholder {shown}; allowed: {allowed}{hint}")
+        elif conversion or format_spec:
+            problems.append(
+                f"placeholder {shown}: conversions and format specs are not supported; "
+                f"write {{{name}}}"
+            )
+    if placeholders == 0:
+        problems.append(
+            f"has no placeholder, so every physician would share one folder; use some of {allowed}"
+        )
+    forbidden = sorted({char for char in literal if char in FORBIDDEN_FOLDER_CHARS})
+    if forbidden:
+        problems.append(f"text outside placeholders must not contain {' '.join(forbidden)}")
+    if any(_is_control(char) for char in literal):
+        problems.append("must not contain control characters")
+    if template.startswith("."):
+        problems.append("must not start with '.' (a hidden folder)")
+    return problems
+
+
+def _folder_name_problem(name: str, max_length: int) -> str | None:
+    """Why ``name`` cannot be a physician folder on the share, or None if it can."""
+    if not name:
+        return "must not be empty"
+    if name.startswith("."):
+        # Hidden, and .tmp-* names are reserved for half-written files.
+        return "must not start with '.' (a hidden folder)"
+    forbidden = sorted({char for char in name if char in FORBIDDEN_FOLDER_CHARS})
+    if forbidden:
+        return f"must not contain {' '.join(forbidden)}"
+    if any(_is_control(char) for char in name):
+        return "must not contain control characters"
+    if name[-1] in ". ":
+        return "must not end with '.' or a space (Windows clients cannot open it over SMB)"
+    if len(name) > max_length:
+        return f"is {len(name)} characters long, over sorting.max_folder_length ({max_length})"
+    return None
+
+
+def _load_aliases(sorting: _Section, unknown_folder: str, max_length: int) -> _FrozenMapping:
+    if "aliases" not in sorting.table:
+        return _FrozenMapping()
+    table = sorting.table["aliases"]
+    errors = sorting.errors
+    if not isinstance(table, dict):
+        sorting.error(
+            "aliases",
+            f'expected a table of folder = ["SPELLING^ONE", ...], got {_describe(table)}',
+        )
+        return _FrozenMapping()
+    # SMB shares are case-insensitive: two folder names differing only in case are one folder.
+    folders_seen: dict[str, str] = {}
+    spellings_seen: dict[str, tuple[str, str]] = {}  # normalised -> (folder, as written)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for folder, spellings in table.items():
+        folder_path = _key_path("sorting", "aliases", folder)
+        if problem := _folder_name_problem(folder, max_length):
+            errors.append(f"{folder_path}: folder name {problem}")
+        folded = folder.casefold()
+        if folded == unknown_folder.casefold():
+            errors.append(
+                f"{folder_path}: folder name must differ from sorting.unknown_folder "
+                f"({_toml_string(unknown_folder)})"
+            )
+        elif folded in folders_seen:
+            errors.append(
+                f"{folder_path}: same folder as "
+                f"{_key_path('sorting', 'aliases', folders_seen[folded])} "
+                "on a case-insensitive share"
+            )
+        folders_seen.setdefault(folded, folder)
+        if not isinstance(spellings, list):
+            errors.append(
+                f"{folder_path}: expected an array of Referring Physician spellings "
+                f'(["SMITH^J", ...]), got {_describe(spellings)}'
+            )
+            continue
+        if not spellings:
+            errors.append(f"{folder_path}: lists no spellings")
+            continue
+        accepted: list[str] = []
+        for index, spelling in enumerate(spellings):
+            item_path = f"{folder_path}[{index}]"
+            if not isinstance(spelling, str):
+                errors.append(f"{item_path}: expected a string, got {_describe(spelling)}")
+                continue
+            spelling = spelling.strip()
+            if not spelling:
+                errors.append(f"{item_path}: must not be empty")
+                continue
+            if "\\" in spelling or any(_is_control(char) for char in spelling):
+                # PS3.5 6.2: backslash separates values; PN allows no control characters.
+                errors.append(f"{item_path}: must not contain a backslash or control characters")
+                continue
+            key = alias_spelling_key(spelling)
+            owner = spellings_seen.get(key)
+            if owner is not None and owner[0] != folder:
+                errors.append(
+                    f"{item_path}: {_toml_string(spelling)} is already listed under "
+                    f"{_key_path('sorting', 'aliases', owner[0])} as {_toml_string(owner[1])}; "
+                    "a spelling can lead to one folder only"
+                )
+                continue
+            spellings_seen.setdefault(key, (folder, spelling))
+            accepted.append(spelling)
+        aliases[folder] = tuple(accepted)
+    return _FrozenMapping(aliases)
+
+
+def alias_spelling_key(spelling: str) -> str:
+    """The form in which two Referring Physician spellings are compared: no spaces, casefolded.
+
+    ``"Smith^J"``, ``"SMITH^J "`` and ``"SMITH ^J"`` are the same spelling.
+    """
+    return "".join(spelling.split()).casefold()
+
+
+def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
+    default = LoggingConfig()
+    section = _Section(("logging",), table, _keys(LoggingConfig), errors)
+    return LoggingConfig(
+        level=section.choice("level", default.level, LOG_LEVELS),
+        format=section.choice("format", default.format, LOG_FORMATS),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML: every key, defaults filled in, absolute paths.
+
+    ``load_config`` of the result gives an equal ``Config`` (apart from ``source``).
+    """
+    lines = [
+        "# Effective dcmdb configuration: defaults filled in, paths resolved.",
+        f"# Loaded from {_toml_string(str(config.source))}",
+    ]
+    sections: dict[str, PathsConfig | IngestConfig | SortingConfig | LoggingConfig] = {
+        "paths": config.paths,
+        "ingest": config.ingest,
+        "sorting": config.sorting,
+        "logging": config.logging,
+    }
+    for name, section in sections.items():
+        lines += ["", f"[{name}]"]
+        for item in fields(section):
+            if item.name == "aliases":
+                continue
+            lines.append(f"{_key_path(item.name)} = {_toml_value(getattr(section, item.name))}")
+        if name == "sorting":
+            lines += ["", "[sorting.aliases]"]
+            for folder, spellings in config.sorting.aliases.items():
+                values = ", ".join(_toml_string(spelling) for spelling in spellings)
+                lines.append(f"{_key_path(folder)} = [{values}]")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # "10.0", "1e-05": both valid TOML floats
+    if isinstance(value, Path):
+        return _toml_string(str(value))
+    if isinstance(value, str):
+        return _toml_string(value)
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (also how error messages quote strings)."""
+    out = ['"']
+    for char in text:
+        if char == '"':
+            out.append('\\"')
+        elif char == "\\":
+            out.append("\\\\")
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif _is_control(char) and ord(char) < 0x80:
+            # TOML 1.0: U+0000-U+001F (but tab) and U+007F must be escaped in basic strings.
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _key_path(*parts: str) -> str:
+    """Dotted TOML key path, quoting the parts that are not bare keys."""
+    return ".".join(part if _BARE_KEY.fullmatch(part) else _toml_string(part) for part in parts)
+
+
+def _is_control(char: str) -> bool:
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code < 0xA0
+
+
+def _describe(value: object) -> str:
+    """A short, TOML-like rendering of a wrong value for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = _toml_string(value)
+        return shown if len(shown) <= 80 else shown[:76] + '..."'
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime | date | time):
+        return f"a date/time ({value.isoformat()})"
+    return type(value).__name__
+
+
+def _suggest(word: str, candidates: Iterable[str], *, wrap: str = "") -> str:
+    matches = difflib.get_close_matches(word, list(candidates), n=1)
+    if not matches:
+        return ""
+    match = f"{wrap[0]}{matches[0]}{wrap[1]}" if wrap else matches[0]
+    return f"; did you mean {match}?"
