@@ -1,0 +1,604 @@
+"""The catalog: SQLite in state/, the source of truth for what the archive holds.
+
+The only module that speaks SQL. One writer (the ingest worker, or a one-shot CLI command)
+holds a read-write connection; readers (status, check) open their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.model import InstanceHeader
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.sqlite"
+
+# Each entry moves the schema from version i to i + 1 (PRAGMA user_version). Never edit a
+# shipped entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE folders (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        name_key TEXT NOT NULL UNIQUE,            -- case-insensitive identity (SMB clients)
+        created_at REAL NOT NULL,
+        content_changed_at REAL                   -- last time instances were added or removed
+    );
+    CREATE TABLE patients (
+        id INTEGER PRIMARY KEY,
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        patient_id TEXT NOT NULL,
+        patient_name TEXT NOT NULL,
+        dir_name TEXT NOT NULL,
+        UNIQUE (folder_id, patient_id, patient_name),
+        UNIQUE (folder_id, dir_name)
+    );
+    CREATE TABLE studies (
+        id INTEGER PRIMARY KEY,
+        study_instance_uid TEXT NOT NULL UNIQUE,
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        patient_row_id INTEGER NOT NULL REFERENCES patients(id),
+        dir_name TEXT NOT NULL,
+        study_date TEXT NOT NULL,
+        study_time TEXT NOT NULL,
+        study_description TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        accession_number TEXT NOT NULL,
+        referring_physician_name TEXT NOT NULL,
+        specific_character_set TEXT NOT NULL,
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL,
+        UNIQUE (patient_row_id, dir_name)
+    );
+    CREATE INDEX studies_by_folder ON studies (folder_id);
+    CREATE TABLE series (
+        id INTEGER PRIMARY KEY,
+        study_row_id INTEGER NOT NULL REFERENCES studies(id),
+        series_instance_uid TEXT NOT NULL,
+        dir_name TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        series_number INTEGER,
+        series_description TEXT NOT NULL,
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL,            -- "last instance received": series quiet since
+        UNIQUE (study_row_id, series_instance_uid),
+        UNIQUE (study_row_id, dir_name)
+    );
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        series_row_id INTEGER NOT NULL REFERENCES series(id),
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        rel_path TEXT NOT NULL,                    -- PS3.10 File ID below the folder, '/'-separated
+        size INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        instance_number INTEGER,
+        rows INTEGER,
+        columns INTEGER,
+        number_of_frames INTEGER,
+        UNIQUE (folder_id, rel_path)
+    );
+    CREATE INDEX instances_by_series ON instances (series_row_id);
+    -- An instance row is written (and committed) before its file is moved into place; the
+    -- journal row says which move is in flight, so start-up can finish or undo it.
+    CREATE TABLE ingest_journal (
+        instance_row_id INTEGER PRIMARY KEY REFERENCES instances(id),
+        source_path TEXT NOT NULL,
+        keep_source INTEGER NOT NULL
+    );
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY,
+        quarantined_at REAL NOT NULL,
+        source_path TEXT NOT NULL,
+        quarantine_path TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
+)
+
+
+class CatalogError(Exception):
+    """The catalog cannot be used as it is; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class StudyPlacement:
+    study_row_id: int
+    folder_id: int
+    folder_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedInstance:
+    instance_row_id: int
+    folder_name: str
+    rel_path: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMove:
+    instance_row_id: int
+    source_path: str
+    folder_name: str
+    rel_path: str
+    keep_source: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSummary:
+    name: str
+    instances: int
+    studies: int
+    series: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSummary:
+    instances: int
+    studies: int
+    series: int
+    patients: int
+    bytes: int
+    quarantined: int
+    duplicates: int
+    moves_in_flight: int
+    folders: tuple[FolderSummary, ...]
+
+
+NameIsFree = Callable[[str], bool]
+
+
+class Catalog:
+    """A connection to the catalog. Not thread-safe: one thread per Catalog object."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / CATALOG_FILE
+        # (kind, key) -> (row id, dir name) of patients, studies and series placed in the
+        # current transaction; (table, row id) -> latest received_at seen in it.
+        self._placed: dict[tuple[str, object], tuple[int, str]] = {}
+        self._received: dict[tuple[str, int], float] = {}
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a crash of the process loses nothing committed; only a power
+            # loss may lose the last transactions, which `dcmdb check` then reports.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(
+                f"cannot open the catalog {self.path}: {exc}. Check that paths.state is on a "
+                "local disk, writable by the dcmdb user, and not shared over SMB/NFS."
+            ) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise CatalogError(
+                f"the catalog {self.path} has schema version {version}, newer than this dcmdb "
+                f"understands ({len(MIGRATIONS)}): upgrade dcmdb, or restore the catalog that "
+                "matches this version"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            logger.info("migrating catalog %s to schema version %d", self.path, target)
+            # One script, one transaction: a migration is applied whole or not at all.
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit: committed when the block ends, rolled back if it raises."""
+        self._db.execute("BEGIN IMMEDIATE")
+        # Placements are cached for one transaction only: another process (a one-shot
+        # `dcmdb ingest`) may change the catalog between two of ours.
+        self._placed.clear()
+        self._received.clear()
+        try:
+            yield
+            self._flush_received()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._placed.clear()
+            self._received.clear()
+            raise
+        self._db.execute("COMMIT")
+
+    def _flush_received(self) -> None:
+        """Series and studies learn their latest arrival once per transaction, not per file."""
+        for (table, row_id), received_at in self._received.items():
+            self._db.execute(
+                f"UPDATE {table} SET last_received_at = max(last_received_at, ?) WHERE id = ?",
+                (received_at, row_id),
+            )
+        self._received.clear()
+
+    def _note_received(self, table: str, row_id: int, received_at: float) -> None:
+        key = (table, row_id)
+        if received_at > self._received.get(key, 0.0):
+            self._received[key] = received_at
+
+    # ---- ingest: placing instances -------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> ArchivedInstance | None:
+        row = self._db.execute(
+            "SELECT i.id, f.name, i.rel_path, i.size FROM instances i "
+            "JOIN folders f ON f.id = i.folder_id WHERE i.sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        return ArchivedInstance(*row) if row else None
+
+    def study_placement(self, study_instance_uid: str) -> StudyPlacement | None:
+        """Where the study's first instance put it, or None for a new study."""
+        row = self._db.execute(
+            "SELECT s.id, s.folder_id, f.name FROM studies s JOIN folders f ON f.id = s.folder_id "
+            "WHERE s.study_instance_uid = ?",
+            (study_instance_uid,),
+        ).fetchone()
+        return StudyPlacement(*row) if row else None
+
+    def folder_named(self, name: str, name_key: str, now: float) -> tuple[int, str]:
+        """The folder whose key is name_key, created as `name` if none has it yet.
+
+        Returns (folder id, the folder's name): the first spelling seen names the folder.
+        """
+        row = self._db.execute(
+            "SELECT id, name FROM folders WHERE name_key = ?", (name_key,)
+        ).fetchone()
+        if row:
+            return row[0], row[1]
+        cursor = self._db.execute(
+            "INSERT INTO folders (name, name_key, created_at) VALUES (?, ?, ?)",
+            (name, name_key, now),
+        )
+        return _lastrowid(cursor), name
+
+    def stage_instance(
+        self,
+        header: InstanceHeader,
+        folder_id: int,
+        size: int,
+        received_at: float,
+        source_path: str,
+        keep_source: bool,
+        dir_name: NameFn,
+        name_is_free: NameIsFree,
+    ) -> tuple[int, str]:
+        """Insert the instance (creating patient, study and series rows as needed) and a
+        journal row for its move; return its row id and its File ID below the folder.
+
+        dir_name(uid, attempt) proposes directory and file names; the first attempt that is
+        free in its parent wins, so paths are deterministic and collision-free. name_is_free
+        is asked about the final File ID too, so a stray file on disk is never overwritten.
+        Must run inside transaction().
+        """
+        patient_row_id, patient_dir = self._patient(header, folder_id, dir_name)
+        study_row_id, study_dir = self._study(
+            header, folder_id, patient_row_id, received_at, dir_name
+        )
+        series_row_id, series_dir = self._series(header, study_row_id, received_at, dir_name)
+        prefix = f"DICOM/{patient_dir}/{study_dir}/{series_dir}/"
+        attempt = 0
+        while True:
+            rel_path = prefix + dir_name(header.sop_instance_uid, attempt)
+            taken = self._db.execute(
+                "SELECT 1 FROM instances WHERE folder_id = ? AND rel_path = ?",
+                (folder_id, rel_path),
+            ).fetchone()
+            if not taken and name_is_free(rel_path):
+                break
+            attempt += 1
+        cursor = self._db.execute(
+            "INSERT INTO instances (sop_instance_uid, series_row_id, folder_id, rel_path, size,"
+            " received_at, sop_class_uid, transfer_syntax_uid, instance_number, rows, columns,"
+            " number_of_frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                header.sop_instance_uid,
+                series_row_id,
+                folder_id,
+                rel_path,
+                size,
+                received_at,
+                header.sop_class_uid,
+                header.transfer_syntax_uid,
+                header.instance_number,
+                header.rows,
+                header.columns,
+                header.number_of_frames,
+            ),
+        )
+        instance_row_id = _lastrowid(cursor)
+        self._db.execute(
+            "INSERT INTO ingest_journal (instance_row_id, source_path, keep_source) "
+            "VALUES (?, ?, ?)",
+            (instance_row_id, source_path, keep_source),
+        )
+        return instance_row_id, rel_path
+
+    def _free_dir_name(
+        self, table: str, parent_column: str, parent_id: int, uid: str, dir_name: NameFn
+    ) -> str:
+        attempt = 0
+        while True:
+            candidate = dir_name(uid, attempt)
+            taken = self._db.execute(
+                f"SELECT 1 FROM {table} WHERE {parent_column} = ? AND dir_name = ?",
+                (parent_id, candidate),
+            ).fetchone()
+            if not taken:
+                return candidate
+            attempt += 1
+
+    def _patient(self, header: InstanceHeader, folder_id: int, dir_name: NameFn) -> tuple[int, str]:
+        # A patient is (ID, name) within a folder: anonymised data often shares an empty or
+        # constant Patient ID, and merging two people into one DICOMDIR record is worse than
+        # listing one person twice.
+        key = (folder_id, header.patient_id, header.patient_name)
+        cached = self._placed.get(("patient", key))
+        if cached:
+            return cached
+        row = self._db.execute(
+            "SELECT id, dir_name FROM patients "
+            "WHERE folder_id = ? AND patient_id = ? AND patient_name = ?",
+            key,
+        ).fetchone()
+        if row:
+            self._placed["patient", key] = row[0], row[1]
+            return row[0], row[1]
+        name = self._free_dir_name(
+            "patients",
+            "folder_id",
+            folder_id,
+            f"{header.patient_id}\\{header.patient_name}",
+            dir_name,
+        )
+        cursor = self._db.execute(
+            "INSERT INTO patients (folder_id, patient_id, patient_name, dir_name) "
+            "VALUES (?, ?, ?, ?)",
+            (*key, name),
+        )
+        self._placed["patient", key] = _lastrowid(cursor), name
+        return self._placed["patient", key]
+
+    def _study(
+        self,
+        header: InstanceHeader,
+        folder_id: int,
+        patient_row_id: int,
+        received_at: float,
+        dir_name: NameFn,
+    ) -> tuple[int, str]:
+        key = ("study", header.study_instance_uid)
+        placed = self._placed.get(key)
+        if placed is None:
+            row = self._db.execute(
+                "SELECT id, dir_name FROM studies WHERE study_instance_uid = ?",
+                (header.study_instance_uid,),
+            ).fetchone()
+            if row:
+                placed = self._placed[key] = row[0], row[1]
+        if placed is not None:
+            self._note_received("studies", placed[0], received_at)
+            return placed
+        name = self._free_dir_name(
+            "studies", "patient_row_id", patient_row_id, header.study_instance_uid, dir_name
+        )
+        cursor = self._db.execute(
+            "INSERT INTO studies (study_instance_uid, folder_id, patient_row_id, dir_name,"
+            " study_date, study_time, study_description, study_id, accession_number,"
+            " referring_physician_name, specific_character_set, first_received_at,"
+            " last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                header.study_instance_uid,
+                folder_id,
+                patient_row_id,
+                name,
+                header.study_date,
+                header.study_time,
+                header.study_description,
+                header.study_id,
+                header.accession_number,
+                header.referring_physician_name,
+                header.specific_character_set,
+                received_at,
+                received_at,
+            ),
+        )
+        self._placed[key] = _lastrowid(cursor), name
+        return self._placed[key]
+
+    def _series(
+        self, header: InstanceHeader, study_row_id: int, received_at: float, dir_name: NameFn
+    ) -> tuple[int, str]:
+        key = ("series", (study_row_id, header.series_instance_uid))
+        placed = self._placed.get(key)
+        if placed is None:
+            row = self._db.execute(
+                "SELECT id, dir_name FROM series WHERE study_row_id = ? "
+                "AND series_instance_uid = ?",
+                (study_row_id, header.series_instance_uid),
+            ).fetchone()
+            if row:
+                placed = self._placed[key] = row[0], row[1]
+        if placed is not None:
+            self._note_received("series", placed[0], received_at)
+            return placed
+        name = self._free_dir_name(
+            "series", "study_row_id", study_row_id, header.series_instance_uid, dir_name
+        )
+        cursor = self._db.execute(
+            "INSERT INTO series (study_row_id, series_instance_uid, dir_name, modality,"
+            " series_number, series_description, first_received_at, last_received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                study_row_id,
+                header.series_instance_uid,
+                name,
+                header.modality,
+                header.series_number,
+                header.series_description,
+                received_at,
+                received_at,
+            ),
+        )
+        self._placed[key] = _lastrowid(cursor), name
+        return self._placed[key]
+
+    def mark_folders_changed(self, folder_ids: set[int], now: float) -> None:
+        self._db.executemany(
+            "UPDATE folders SET content_changed_at = ? WHERE id = ?",
+            [(now, folder_id) for folder_id in folder_ids],
+        )
+
+    # ---- ingest: the journal of moves in flight ------------------------------------------
+
+    def pending_moves(self) -> list[PendingMove]:
+        rows = self._db.execute(
+            "SELECT j.instance_row_id, j.source_path, f.name, i.rel_path, j.keep_source "
+            "FROM ingest_journal j JOIN instances i ON i.id = j.instance_row_id "
+            "JOIN folders f ON f.id = i.folder_id ORDER BY j.instance_row_id"
+        ).fetchall()
+        return [PendingMove(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def finish_moves(self, instance_row_ids: list[int]) -> None:
+        """The files are in place: forget their journal rows."""
+        self._db.executemany(
+            "DELETE FROM ingest_journal WHERE instance_row_id = ?",
+            [(row_id,) for row_id in instance_row_ids],
+        )
+
+    def undo_staged(self, instance_row_ids: list[int]) -> None:
+        """The files never reached their place: remove their rows, and any series, study or
+        patient left without instances."""
+        self._placed.clear()  # rows may go
+        for row_id in instance_row_ids:
+            self._db.execute("DELETE FROM ingest_journal WHERE instance_row_id = ?", (row_id,))
+            row = self._db.execute(
+                "SELECT i.series_row_id, s.study_row_id, st.patient_row_id FROM instances i "
+                "JOIN series s ON s.id = i.series_row_id JOIN studies st ON st.id = s.study_row_id "
+                "WHERE i.id = ?",
+                (row_id,),
+            ).fetchone()
+            if row is None:
+                continue
+            series_row_id, study_row_id, patient_row_id = row
+            self._db.execute("DELETE FROM instances WHERE id = ?", (row_id,))
+            self._db.execute(
+                "DELETE FROM series WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM instances WHERE series_row_id = ?)",
+                (series_row_id, series_row_id),
+            )
+            self._db.execute(
+                "DELETE FROM studies WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM series WHERE study_row_id = ?)",
+                (study_row_id, study_row_id),
+            )
+            self._db.execute(
+                "DELETE FROM patients WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM studies WHERE patient_row_id = ?)",
+                (patient_row_id, patient_row_id),
+            )
+
+    # ---- counters and quarantine ---------------------------------------------------------
+
+    def add_to_counter(self, name: str, amount: int = 1) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )
+
+    def record_quarantine(
+        self, source_path: str, quarantine_path: str, reason: str, now: float
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO quarantine (quarantined_at, source_path, quarantine_path, reason) "
+            "VALUES (?, ?, ?, ?)",
+            (now, source_path, quarantine_path, reason),
+        )
+
+    # ---- readers -------------------------------------------------------------------------
+
+    def summary(self) -> CatalogSummary:
+        def count(sql: str) -> int:
+            return int(self._db.execute(sql).fetchone()[0] or 0)
+
+        folders = tuple(
+            FolderSummary(name, instances, studies, series, size or 0)
+            for name, instances, studies, series, size in self._db.execute(
+                "SELECT f.name,"
+                " (SELECT count(*) FROM instances i WHERE i.folder_id = f.id),"
+                " (SELECT count(*) FROM studies s WHERE s.folder_id = f.id),"
+                " (SELECT count(*) FROM series se JOIN studies s ON s.id = se.study_row_id"
+                "  WHERE s.folder_id = f.id),"
+                " (SELECT sum(size) FROM instances i WHERE i.folder_id = f.id)"
+                " FROM folders f ORDER BY f.name"
+            )
+        )
+        duplicates = self._db.execute(
+            "SELECT value FROM counters WHERE name = 'duplicates'"
+        ).fetchone()
+        return CatalogSummary(
+            instances=count("SELECT count(*) FROM instances"),
+            studies=count("SELECT count(*) FROM studies"),
+            series=count("SELECT count(*) FROM series"),
+            patients=count("SELECT count(*) FROM patients"),
+            bytes=count("SELECT sum(size) FROM instances"),
+            quarantined=count("SELECT count(*) FROM quarantine"),
+            duplicates=int(duplicates[0]) if duplicates else 0,
+            moves_in_flight=count("SELECT count(*) FROM ingest_journal"),
+            folders=folders,
+        )
+
+    def instance_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    def folder_names(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT name FROM folders ORDER BY name")]
+
+    def archived_files(self) -> Iterator[tuple[str, str, int]]:
+        """(folder name, File ID, size) of every instance whose move is complete."""
+        yield from self._db.execute(
+            "SELECT f.name, i.rel_path, i.size FROM instances i "
+            "JOIN folders f ON f.id = i.folder_id "
+            "WHERE NOT EXISTS (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
+        )
+
+    def study_folders(self) -> dict[str, str]:
+        """Study Instance UID -> folder name, for every study."""
+        return dict(
+            self._db.execute(
+                "SELECT s.study_instance_uid, f.name FROM studies s "
+                "JOIN folders f ON f.id = s.folder_id"
+            )
+        )
+
+
+NameFn = Callable[[str, int], str]
+
+
+def _lastrowid(cursor: sqlite3.Cursor) -> int:
+    row_id = cursor.lastrowid
+    if row_id is None:  # only after a statement that inserted nothing: a programming error
+        raise CatalogError("INSERT returned no row id")
+    return row_id
