@@ -1,0 +1,120 @@
+"""What the archive holds and whether disk and catalog agree (`dcmdb status`, `dcmdb check`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.catalog import Catalog
+from daemon.config import PathsConfig
+from daemon.fsops import TEMP_PREFIX
+from daemon.ingest import is_ignored_name
+
+
+@dataclass
+class CheckReport:
+    """Disk against catalog. Paths are relative to the archive root, '/'-separated."""
+
+    missing: list[str] = field(default_factory=list)  # catalogued, not on disk
+    size_mismatch: list[str] = field(default_factory=list)  # on disk with another size
+    orphans: list[str] = field(default_factory=list)  # under <folder>/DICOM/, not catalogued
+    temp_files: list[str] = field(default_factory=list)  # .tmp-* left by a killed writer
+    moves_in_flight: int = 0  # journal rows: the daemon is running, or start it to resolve them
+    checked_files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.size_mismatch or self.orphans or self.temp_files)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def check_archive(catalog: Catalog, archive: Path) -> CheckReport:
+    report = CheckReport(moves_in_flight=catalog.summary().moves_in_flight)
+    expected = {f"{folder}/{rel_path}": size for folder, rel_path, size in catalog.archived_files()}
+    report.checked_files = len(expected)
+    for path, size in _walk_files(archive):
+        relative = path[len(str(archive)) + 1 :].replace(os.sep, "/")
+        name = relative.rsplit("/", 1)[-1]
+        if name.startswith(TEMP_PREFIX):
+            report.temp_files.append(relative)
+            continue
+        wanted = expected.pop(relative, None)
+        if wanted is None:
+            parts = relative.split("/")
+            if len(parts) > 2 and parts[1] == "DICOM":
+                report.orphans.append(relative)
+        elif wanted != size:
+            report.size_mismatch.append(relative)
+    report.missing = sorted(expected)
+    for found in (report.size_mismatch, report.orphans, report.temp_files):
+        found.sort()
+    return report
+
+
+def _walk_files(root: Path) -> list[tuple[str, int]]:
+    files: list[tuple[str, int]] = []
+    folders = [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    files.append((entry.path, entry.stat(follow_symlinks=False).st_size))
+    return files
+
+
+def count_incoming(incoming: Path) -> int:
+    """Files waiting in incoming/ (hidden and temporary names are not input)."""
+    count = 0
+    folders = [str(incoming)]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as listing:
+                for entry in listing:
+                    if is_ignored_name(entry.name):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
+    summary = catalog.summary()
+    disk = shutil.disk_usage(paths.archive)
+    return {
+        "instances": summary.instances,
+        "studies": summary.studies,
+        "series": summary.series,
+        "patients": summary.patients,
+        "bytes": summary.bytes,
+        "quarantined": summary.quarantined,
+        "duplicates": summary.duplicates,
+        "incoming_pending": count_incoming(paths.incoming),
+        "moves_in_flight": summary.moves_in_flight,
+        "disk": {
+            "path": str(paths.archive),
+            "total_bytes": disk.total,
+            "used_bytes": disk.used,
+            "free_bytes": disk.free,
+            "free_percent": round(100.0 * disk.free / disk.total, 1) if disk.total else 0.0,
+        },
+        "folders": {
+            folder.name: {
+                "instances": folder.instances,
+                "studies": folder.studies,
+                "series": folder.series,
+                "bytes": folder.bytes,
+            }
+            for folder in summary.folders
+        },
+    }

@@ -1,0 +1,307 @@
+"""The `dcmdb` command. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from daemon.audit import check_archive, status_report
+from daemon.catalog import Catalog, CatalogError
+from daemon.config import EX_CONFIG, Config, ConfigError, find_config_file, load_config
+from daemon.config import render_config as render_effective_config
+from daemon.ingest import ParallelReader, effective_workers, ingest_paths, is_ignored_name
+from daemon.model import IngestResult, Outcome
+from daemon.service import ServiceError, open_archiver, run_daemon
+
+logger = logging.getLogger("dcmdb")
+
+EX_OK = 0
+EX_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config_path = find_config_file(args.config, os.environ)
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"dcmdb: invalid configuration:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    _setup_logging(args.log_level or config.logging.level, config.logging.format)
+    try:
+        return int(args.handler(config, args))
+    except (ServiceError, CatalogError) as exc:
+        print(f"dcmdb: {exc}", file=sys.stderr)
+        return EX_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcmdb",
+        description="Sort incoming DICOM into per-physician folders, keep them indexed.",
+    )
+    parser.add_argument(
+        "--config",
+        help="config file (default: $DCMDB_CONFIG, ./config.toml, /etc/dcmdb/config.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override logging.level",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.set_defaults(handler=_run)
+
+    ingest = commands.add_parser(
+        "ingest", help="import files or folders once, through the same checks as the daemon"
+    )
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument(
+        "--move", action="store_true", help="move the files instead of copying them"
+    )
+    ingest.set_defaults(handler=_ingest)
+
+    status = commands.add_parser("status", help="what the archive holds")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    check = commands.add_parser(
+        "check", help="compare the catalog with the disk; exit 0 only when they agree"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(handler=_check)
+
+    check_config = commands.add_parser(
+        "check-config", help="validate the config and print the effective settings"
+    )
+    check_config.set_defaults(handler=_check_config)
+    return parser
+
+
+_SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class _Formatter(logging.Formatter):
+    """Plain lines for a terminal; under journald (JOURNAL_STREAM set) no timestamp, and a
+    <N> syslog priority prefix that journald turns into the entry's level."""
+
+    def __init__(self, journald: bool) -> None:
+        if journald:
+            super().__init__("%(name)s: %(message)s")
+        else:
+            super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self._journald:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>{text}"
+        return text
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # watchdog logs every event at debug level: far too much even for debugging dcmdb.
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+def _run(config: Config, _args: argparse.Namespace) -> int:
+    return run_daemon(config)
+
+
+def _check_config(config: Config, _args: argparse.Namespace) -> int:
+    print(f"# {config.source}: valid")
+    print(render_effective_config(config), end="")
+    return EX_OK
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    catalog = Catalog(config.paths.state)
+    try:
+        report = status_report(catalog, config.paths)
+    finally:
+        catalog.close()
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return EX_OK
+    disk = report["disk"]
+    print(f"archive     {config.paths.archive}")
+    print(
+        f"instances   {report['instances']} in {report['series']} series, "
+        f"{report['studies']} studies ({_size(report['bytes'])})"
+    )
+    print(f"incoming    {report['incoming_pending']} files waiting")
+    print(f"quarantined {report['quarantined']} (see {config.paths.quarantine})")
+    print(f"duplicates  {report['duplicates']} dropped")
+    print(
+        f"disk        {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])} "
+        f"({disk['free_percent']}%)"
+    )
+    if report["folders"]:
+        print()
+        print(f"{'folder':<40} {'studies':>8} {'series':>8} {'instances':>10} {'size':>10}")
+        for name, folder in report["folders"].items():
+            print(
+                f"{name:<40} {folder['studies']:>8} {folder['series']:>8} "
+                f"{folder['instances']:>10} {_size(folder['bytes']):>10}"
+            )
+    return EX_OK
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    catalog = Catalog(config.paths.state)
+    try:
+        report = check_archive(catalog, config.paths.archive)
+    finally:
+        catalog.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EX_OK if report.ok else EX_FAILURE
+    print(f"checked {report.checked_files} catalogued files under {config.paths.archive}")
+    problems = [
+        ("missing (catalogued, not on disk)", report.missing),
+        ("different size on disk", report.size_mismatch),
+        ("orphans (on disk, not catalogued)", report.orphans),
+        ("temporary files left behind", report.temp_files),
+    ]
+    for title, paths in problems:
+        if paths:
+            print(f"{title}: {len(paths)}")
+            for path in paths[:50]:
+                print(f"  {path}")
+            if len(paths) > 50:
+                print(f"  ... and {len(paths) - 50} more (--json lists all)")
+    if report.moves_in_flight:
+        print(
+            f"{report.moves_in_flight} moves in flight: normal while the daemon runs; "
+            "otherwise `dcmdb run` finishes them at start-up"
+        )
+    print("OK: catalog and disk agree" if report.ok else "NOT OK: see above")
+    return EX_OK if report.ok else EX_FAILURE
+
+
+def _ingest(config: Config, args: argparse.Namespace) -> int:
+    files = list(_expand(args.paths))
+    progress = _Progress(len(files), sys.stderr)
+    reader = ParallelReader(effective_workers(config.ingest.parse_workers))
+    try:
+        with open_archiver(config, keep_source=not args.move) as archiver:
+            counts = ingest_paths(
+                archiver,
+                reader,
+                (str(path) for path in files),
+                batch_size=config.ingest.batch_size,
+                progress=progress.update,
+            )
+    finally:
+        reader.shutdown()
+    progress.finish()
+    print(
+        f"{len(files)} files: {counts[Outcome.ARCHIVED]} archived, "
+        f"{counts[Outcome.DUPLICATE]} duplicates dropped, "
+        f"{counts[Outcome.QUARANTINED]} quarantined"
+        + (f", {counts[Outcome.RETRY]} vanished" if counts[Outcome.RETRY] else "")
+    )
+    if counts[Outcome.QUARANTINED]:
+        print(f"see the .reason.txt files in {config.paths.quarantine}")
+    return EX_OK
+
+
+def _expand(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not is_ignored_name(d))
+                for name in sorted(names):
+                    if not is_ignored_name(name):
+                        yield Path(folder, name).absolute()
+        elif path.exists():
+            yield path.absolute()
+        else:
+            print(f"dcmdb: {path}: no such file or folder, skipped", file=sys.stderr)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self._total = total
+        self._stream = stream
+        self._done = 0
+        self._counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self._tty = stream.isatty()
+        self._last = 0.0
+        self._started = time.monotonic()
+
+    def update(self, result: IngestResult) -> None:
+        self._done += 1
+        self._counts[result.outcome] += 1
+        now = time.monotonic()
+        if now - self._last >= (0.1 if self._tty else 5.0) or self._done == self._total:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        fraction = self._done / self._total if self._total else 1.0
+        rate = self._done / max(now - self._started, 1e-9)
+        text = (
+            f"{self._done}/{self._total} files ({rate:.0f}/s): "
+            f"archived {self._counts[Outcome.ARCHIVED]}, "
+            f"duplicates {self._counts[Outcome.DUPLICATE]}, "
+            f"quarantined {self._counts[Outcome.QUARANTINED]}"
+        )
+        if self._tty:
+            bar = "#" * int(fraction * 30)
+            self._stream.write(f"\r[{bar:<30}] {text}")
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty and self._total:
+            self._stream.write("\n")
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

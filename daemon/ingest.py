@@ -1,0 +1,774 @@
+"""One file: settle -> validate -> sort -> dedup -> move -> catalog.
+
+The ingest worker is the single writer of the catalog. Headers are read in worker processes
+(pydicom is pure Python, and both cores are worth having); everything that touches the catalog
+or moves a file happens in the worker thread, in batches:
+
+1. one transaction inserts the instance rows and a journal row per move;
+2. the files are moved into place (no-replace link + unlink, or copy + fsync + link);
+3. one transaction clears the journal rows (or undoes the rows of files that did not move).
+
+A crash anywhere leaves journal rows that `Archiver.recover` resolves at start-up, so every
+file ends up archived exactly once or is still in incoming/ to be taken again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import multiprocessing
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon import fsops
+from daemon.catalog import ArchivedInstance, Catalog
+from daemon.config import IngestConfig, SortingConfig
+from daemon.dicomfile import (
+    IncompleteFileError,
+    NotAcceptedError,
+    data_set_offset,
+    read_instance,
+)
+from daemon.layout import (
+    alias_lookup,
+    file_id_component,
+    folder_key,
+    person_name_key,
+    physician_folder_name,
+)
+from daemon.model import FileIdentity, Hint, IngestResult, InstanceHeader, Outcome
+
+logger = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = (".part", ".tmp")
+SAME_UID_IN_BATCH = "another file with the same SOP Instance UID is in this batch"
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden and temporary names are somebody's work in progress, never input."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+# ---- reading (runs in worker processes) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    """What reading one candidate file gave."""
+
+    path: str
+    header: InstanceHeader | None = None
+    identity: FileIdentity | None = None
+    rejection: str = ""  # why it cannot be taken
+    incomplete: bool = False  # the rejection may go away: the file may still be written
+    vanished: bool = False
+
+
+def read_file(path: str) -> FileRead:
+    try:
+        header, identity = read_instance(Path(path))
+    except IncompleteFileError as exc:
+        return FileRead(path, rejection=exc.reason, incomplete=True)
+    except NotAcceptedError as exc:
+        return FileRead(path, rejection=exc.reason)
+    except FileNotFoundError:
+        return FileRead(path, vanished=True)
+    except OSError as exc:
+        # Permission denied and the like may be fixed by the writer (chmod after close):
+        # treated as incomplete, so it is quarantined only if it stays that way.
+        return FileRead(path, rejection=f"cannot read the file: {exc.strerror}", incomplete=True)
+    return FileRead(path, header, identity)
+
+
+def read_files(paths: list[str]) -> list[FileRead]:
+    return [read_file(path) for path in paths]
+
+
+class ParallelReader:
+    """Reads headers in worker processes. `spawn`, not fork: the daemon has threads."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._pool = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        # The executor spawns a process only when no worker is idle, and counts idle workers
+        # loosely: under a steady stream it would keep running on one. Start them all now.
+        for started in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
+            started.result()
+
+    def submit(self, paths: list[str]) -> Future[list[FileRead]]:
+        return self._pool.submit(read_files, paths)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def effective_workers(configured: int) -> int:
+    """Reader processes for ingest.parse_workers: 0 means one per core but one, which is left
+    to the daemon's own process (events, catalog, moves); always at least one."""
+    return configured or max(1, (os.cpu_count() or 1) - 1)
+
+
+# ---- filing (the single writer) --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Staged:
+    read: FileRead
+    header: InstanceHeader
+    identity: FileIdentity
+    instance_row_id: int
+    folder_id: int
+    rel_path: str  # below the archive root, '/'-separated
+
+
+class Archiver:
+    """Files read instances into the archive and the catalog; quarantines what it cannot."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        archive: Path,
+        quarantine: Path,
+        incoming: Path | None,
+        sorting: SortingConfig,
+        keep_source: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._catalog = catalog
+        self._archive = archive
+        self._quarantine = quarantine
+        self._incoming = incoming
+        self._sorting = sorting
+        self._aliases = alias_lookup(sorting.aliases)
+        self._keep_source = keep_source
+        self._clock = clock
+        self._archive_root = os.fspath(archive)
+        self._known_dirs: set[str] = set()
+
+    # -- start-up --
+
+    def recover(self) -> int:
+        """Finish or undo the moves a crash interrupted; returns how many there were."""
+        moves = self._catalog.pending_moves()
+        finished: list[int] = []
+        undone: list[int] = []
+        for move in moves:
+            target = self._archive / move.folder_name / move.rel_path
+            source = Path(move.source_path)
+            fsops.remove_temp_files_for(target)
+            if not target.exists():
+                # Never reached its place: the source is still where it was and is taken again.
+                undone.append(move.instance_row_id)
+                continue
+            if not move.keep_source and source.exists() and _same_file_or_bytes(source, target):
+                source.unlink()  # crashed between link and unlink
+            finished.append(move.instance_row_id)
+        if moves:
+            with self._catalog.transaction():
+                self._catalog.finish_moves(finished)
+                self._catalog.undo_staged(undone)
+            logger.info(
+                "recovered %d interrupted moves: %d completed, %d undone (sources ingested again)",
+                len(moves),
+                len(finished),
+                len(undone),
+            )
+        return len(moves)
+
+    # -- one batch --
+
+    def file_batch(self, reads: list[FileRead]) -> list[IngestResult]:
+        """Archive, drop or quarantine each read instance. All reads must carry a header."""
+        results: list[IngestResult] = []
+        staged: list[_Staged] = []
+        duplicates: list[FileRead] = []
+        conflicts: list[tuple[FileRead, str]] = []
+        uids_in_batch: set[str] = set()
+        folders_of_studies: dict[str, tuple[int, str]] = {}
+        now = self._clock()
+        with self._catalog.transaction():
+            for read in reads:
+                header, identity = _require_header(read)
+                if header.sop_instance_uid in uids_in_batch:
+                    # Two copies in one batch: compare with the first once it is in place.
+                    results.append(IngestResult(read.path, Outcome.RETRY, SAME_UID_IN_BATCH))
+                    continue
+                uids_in_batch.add(header.sop_instance_uid)
+                existing = self._catalog.find_instance(header.sop_instance_uid)
+                if existing is not None:
+                    conflict = self._compare_with_archived(read, header, existing)
+                    if conflict:
+                        conflicts.append((read, conflict))
+                    else:
+                        duplicates.append(read)
+                        self._catalog.add_to_counter("duplicates")
+                    continue
+                folder = folders_of_studies.get(header.study_instance_uid)
+                if folder is None:
+                    folder = folders_of_studies[header.study_instance_uid] = self._folder_for(
+                        header, now
+                    )
+                folder_id, folder_name = folder
+                row_id, rel_path = self._catalog.stage_instance(
+                    header,
+                    folder_id,
+                    identity.size,
+                    now,
+                    read.path,
+                    self._keep_source,
+                    file_id_component,
+                    _nothing_on_disk_below(f"{self._archive_root}/{folder_name}/"),
+                )
+                staged.append(
+                    _Staged(read, header, identity, row_id, folder_id, f"{folder_name}/{rel_path}")
+                )
+            self._catalog.mark_folders_changed({s.folder_id for s in staged}, now)
+
+        moved, failed = self._move_staged(staged, results)
+        if moved or failed:
+            with self._catalog.transaction():
+                self._catalog.finish_moves(moved)
+                self._catalog.undo_staged(failed)
+        for read in duplicates:
+            results.append(self._drop_duplicate(read))
+        for read, reason in conflicts:
+            results.append(self.quarantine(read.path, reason))
+        return results
+
+    def _folder_for(self, header: InstanceHeader, now: float) -> tuple[int, str]:
+        placement = self._catalog.study_placement(header.study_instance_uid)
+        if placement is not None:
+            # A study never spans two folders: its first instance decided.
+            return placement.folder_id, placement.folder_name
+        name = self._aliases.get(person_name_key(header.referring_physician_name))
+        if name is None:
+            name = physician_folder_name(
+                header.referring_physician_name,
+                template=self._sorting.folder_template,
+                unknown_folder=self._sorting.unknown_folder,
+                max_length=self._sorting.max_folder_length,
+            )
+        return self._catalog.folder_named(name, folder_key(name), now)
+
+    def _move_staged(
+        self, staged: list[_Staged], results: list[IngestResult]
+    ) -> tuple[list[int], list[int]]:
+        moved: list[int] = []
+        failed: list[int] = []
+        for item in staged:
+            source = item.read.path
+            target = f"{self._archive_root}/{item.rel_path}"
+            try:
+                if _identity_now(source) != item.identity:
+                    failed.append(item.instance_row_id)
+                    results.append(IngestResult(source, Outcome.RETRY, "changed"))
+                    continue
+                self._place(source, target)
+            except FileNotFoundError:
+                failed.append(item.instance_row_id)
+                logger.warning("%s vanished before it could be archived", source)
+                results.append(IngestResult(source, Outcome.RETRY, "vanished"))
+                continue
+            except Exception:
+                failed.append(item.instance_row_id)
+                logger.exception(
+                    "could not move %s to %s (SOP Instance UID %s); it stays in incoming and "
+                    "is tried again",
+                    source,
+                    target,
+                    item.header.sop_instance_uid,
+                )
+                results.append(IngestResult(source, Outcome.RETRY, "move failed"))
+                continue
+            moved.append(item.instance_row_id)
+            results.append(IngestResult(source, Outcome.ARCHIVED, item.rel_path))
+        return moved, failed
+
+    def _place(self, source: str, target: str) -> None:
+        parent = os.path.dirname(target)
+        if parent not in self._known_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._known_dirs.add(parent)
+        try:
+            self._transfer(source, target)
+        except FileNotFoundError:
+            if not os.path.exists(source):
+                raise
+            # The folder went away under us (pruned): make it again.
+            os.makedirs(parent, exist_ok=True)
+            self._transfer(source, target)
+
+    def _transfer(self, source: fsops.StrPath, target: fsops.StrPath) -> None:
+        if self._keep_source:
+            fsops.copy_no_replace(source, target)
+        else:
+            fsops.move_no_replace(source, target)
+
+    def _compare_with_archived(
+        self, read: FileRead, header: InstanceHeader, existing: ArchivedInstance
+    ) -> str:
+        """ "" when read holds the same data set as the archived instance, else why not."""
+        archived = self._archive / existing.folder_name / existing.rel_path
+        where = f"{existing.folder_name}/{existing.rel_path}"
+        try:
+            offset = data_set_offset(archived)
+            same = _same_bytes_from(Path(read.path), header.data_set_offset, archived, offset)
+        except FileNotFoundError:
+            return (
+                f"conflict: SOP Instance UID {header.sop_instance_uid} is in the catalog at "
+                f"{where}, but that file is missing: run `dcmdb check`, then ingest this file "
+                "again"
+            )
+        if same:
+            return ""
+        return (
+            f"conflict: SOP Instance UID {header.sop_instance_uid} is already archived at {where} "
+            "with different content; the archived copy was kept. Compare the two (e.g. with "
+            "dcmdump) and, if this one is right, remove the archived one and ingest this file "
+            "again"
+        )
+
+    def _drop_duplicate(self, read: FileRead) -> IngestResult:
+        if not self._keep_source:
+            Path(read.path).unlink(missing_ok=True)
+        logger.debug("dropped %s: identical to the archived instance", read.path)
+        return IngestResult(read.path, Outcome.DUPLICATE, "identical to the archived instance")
+
+    # -- quarantine --
+
+    def quarantine(self, path: str, reason: str) -> IngestResult:
+        """Move path to quarantine/ with a .reason.txt beside it and record it."""
+        source = Path(path)
+        now = self._clock()
+        relative = Path(source.name)
+        if self._incoming is not None and source.is_relative_to(self._incoming):
+            relative = source.relative_to(self._incoming)
+        target = self._quarantine / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in range(1, 100_000):
+            reason_file = target.with_name(target.name + ".reason.txt")
+            if not os.path.lexists(target) and not os.path.lexists(reason_file):
+                fsops.write_bytes_atomically(reason_file, _reason_text(path, reason, now).encode())
+                try:
+                    self._transfer(source, target)
+                    break
+                except FileExistsError:  # someone else took the name meanwhile
+                    reason_file.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    reason_file.unlink(missing_ok=True)
+                    return IngestResult(path, Outcome.RETRY, "vanished")
+            target = self._quarantine / relative.with_name(f"{relative.name}.{suffix}")
+        with self._catalog.transaction():
+            self._catalog.record_quarantine(path, str(target), reason, now)
+        logger.warning("quarantined %s as %s: %s", path, target, reason)
+        return IngestResult(path, Outcome.QUARANTINED, reason)
+
+
+def _require_header(read: FileRead) -> tuple[InstanceHeader, FileIdentity]:
+    if read.header is None or read.identity is None:
+        raise ValueError(f"{read.path} has no header to archive")
+    return read.header, read.identity
+
+
+def _nothing_on_disk_below(root: str) -> Callable[[str], bool]:
+    """A File ID is free only if no file is there either: a stray file left by a crash or a
+    person is never overwritten (`dcmdb check` reports it). root ends with '/'."""
+
+    def is_free(rel_path: str) -> bool:
+        return not os.path.lexists(root + rel_path)
+
+    return is_free
+
+
+def _identity_now(path: str) -> FileIdentity:
+    st = os.stat(path)
+    return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _same_bytes_from(first: Path, first_offset: int, second: Path, second_offset: int) -> bool:
+    """Whether the two files hold the same bytes from the given offsets to their ends: the same
+    data set, whatever File Meta each was written with (PS3.10 7.1)."""
+    if first.stat().st_size - first_offset != second.stat().st_size - second_offset:
+        return False
+    with open(first, "rb") as a, open(second, "rb") as b:
+        a.seek(first_offset)
+        b.seek(second_offset)
+        while True:
+            chunk_a = a.read(1 << 20)
+            if chunk_a != b.read(1 << 20):
+                return False
+            if not chunk_a:
+                return True
+
+
+def _same_file_or_bytes(first: Path, second: Path) -> bool:
+    return os.path.samefile(first, second) or _same_bytes_from(first, 0, second, 0)
+
+
+def _reason_text(path: str, reason: str, now: float) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return (
+        f"file: {path}\n"
+        f"quarantined: {when}\n"
+        f"reason: {reason}\n"
+        "\n"
+        "dcmdb did not archive this file. Fix what the reason says and put the file back in the\n"
+        "incoming folder (or run `dcmdb ingest FILE`), or delete it together with this note.\n"
+    )
+
+
+# ---- settling: when is a file ready to be read? ----------------------------------------
+
+Signature = tuple[int, int, int]  # (size, mtime_ns, inode)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    closed: bool = False  # close-write or move-in seen since the last read
+    signature: Signature | None = None
+    stable_since: float = 0.0
+    reading: bool = False
+    due: float = 0.0
+    incomplete_reason: str = ""
+    read_signature: Signature | None = None
+
+
+@dataclass(slots=True)
+class SettleDecisions:
+    to_read: list[str] = field(default_factory=list)
+    to_quarantine: list[tuple[str, str]] = field(default_factory=list)
+
+
+def file_signature(path: str) -> Signature | None:
+    """(size, mtime, inode) of a regular file, or None if it is gone or not a regular file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class SettleTracker:
+    """Decides when each file in incoming/ is ready to be read, and when a file that stays
+    incomplete is given up on. Times are monotonic seconds; the stat function is injected."""
+
+    def __init__(
+        self,
+        settle_seconds: float,
+        incomplete_timeout_seconds: float,
+        signature: Callable[[str], Signature | None] = file_signature,
+    ) -> None:
+        self._settle = settle_seconds
+        self._incomplete_timeout = incomplete_timeout_seconds
+        self._recheck = max(0.2, min(settle_seconds, 5.0))
+        self._signature = signature
+        self._files: dict[str, _Tracked] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def _schedule(self, path: str, entry: _Tracked, when: float) -> None:
+        entry.due = when
+        heapq.heappush(self._heap, (when, path))
+
+    def note(self, path: str, hint: Hint, now: float) -> None:
+        entry = self._files.get(path)
+        if entry is None:
+            entry = self._files[path] = _Tracked()
+        elif hint is Hint.SCANNED:
+            return  # a rescan tells nothing new about a file we already follow
+        if hint is Hint.CLOSED:
+            entry.closed = True
+        if not entry.reading and (entry.due > now or entry.due == 0.0):
+            self._schedule(path, entry, now)
+
+    def forget(self, path: str) -> None:
+        self._files.pop(path, None)
+
+    def retry(self, path: str, now: float, delay: float = 0.0) -> None:
+        entry = self._files.get(path)
+        if entry is None:
+            return
+        entry.reading = False
+        entry.closed = True
+        self._schedule(path, entry, now + delay)
+
+    def seconds_until_due(self, now: float) -> float | None:
+        while self._heap:
+            when, path = self._heap[0]
+            entry = self._files.get(path)
+            if entry is None or entry.reading or entry.due != when:
+                heapq.heappop(self._heap)  # stale
+                continue
+            return max(0.0, when - now)
+        return None
+
+    def poll(self, now: float) -> SettleDecisions:
+        decisions = SettleDecisions()
+        while self._heap and self._heap[0][0] <= now:
+            when, path = heapq.heappop(self._heap)
+            entry = self._files.get(path)
+            if entry is None or entry.reading or entry.due != when:
+                continue
+            self._decide(path, entry, now, decisions)
+        return decisions
+
+    def _decide(self, path: str, entry: _Tracked, now: float, decisions: SettleDecisions) -> None:
+        signature = self._signature(path)
+        if signature is None:
+            self.forget(path)
+            return
+        if signature != entry.signature:
+            entry.signature = signature
+            entry.stable_since = now
+        if entry.incomplete_reason and signature == entry.read_signature and not entry.closed:
+            # Read before and found incomplete, and nothing happened since.
+            if now - entry.stable_since >= self._incomplete_timeout:
+                self.forget(path)
+                decisions.to_quarantine.append((path, entry.incomplete_reason))
+            else:
+                deadline = entry.stable_since + self._incomplete_timeout
+                self._schedule(path, entry, min(deadline, now + self._recheck))
+            return
+        if entry.closed or now - entry.stable_since >= self._settle:
+            entry.reading = True
+            entry.closed = False
+            entry.read_signature = signature
+            decisions.to_read.append(path)
+        else:
+            self._schedule(path, entry, entry.stable_since + self._settle)
+
+    def read_done(self, read: FileRead, now: float) -> str | None:
+        """Record what a read found; returns a reason when the file is to be quarantined now."""
+        entry = self._files.get(read.path)
+        if entry is None:
+            return None
+        entry.reading = False
+        if read.vanished:
+            self.forget(read.path)
+        elif read.incomplete:
+            entry.incomplete_reason = read.rejection
+            self._schedule(read.path, entry, now if entry.closed else now + self._recheck)
+        elif read.rejection:
+            self.forget(read.path)
+            return read.rejection
+        return None
+
+
+# ---- the worker thread -----------------------------------------------------------------
+
+
+class IngestWorker(threading.Thread):
+    """Takes paths from the queue (fed by the watcher), settles them, reads them in worker
+    processes, and files them through the Archiver in batches."""
+
+    def __init__(
+        self,
+        archiver: Archiver,
+        reader: ParallelReader,
+        config: IngestConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name="ingest-worker", daemon=True)
+        self._archiver = archiver
+        self._reader = reader
+        self._batch_size = config.batch_size
+        self._tracker = SettleTracker(config.settle_seconds, config.incomplete_timeout_seconds)
+        self._monotonic = monotonic
+        self._queue: queue.SimpleQueue[tuple[str, Hint] | Future[list[FileRead]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._stopping = threading.Event()
+        self._waiting_reads: list[str] = []
+        self._in_flight = 0
+        self._max_in_flight = reader.workers * 2
+        self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.last_error: str = ""
+
+    # Called from other threads: only enqueue.
+    def offer(self, path: str, hint: Hint) -> None:
+        self._queue.put((path, hint))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._tracker)
+
+    def run(self) -> None:
+        logger.info("ingest worker started (%d reader processes)", self._reader.workers)
+        while True:
+            stopping = self._stopping.is_set()
+            if stopping and self._in_flight == 0:
+                break
+            self._take_from_queue(self._wait_time(stopping))
+            if not self._stopping.is_set():
+                self._poll_tracker()
+                self._submit_reads()
+        logger.info(
+            "ingest worker stopped: %s",
+            ", ".join(f"{o.value}={n}" for o, n in self.counts.items()),
+        )
+
+    def _wait_time(self, stopping: bool) -> float:
+        if stopping:
+            return 0.5
+        if self._waiting_reads and self._in_flight < self._max_in_flight:
+            return 0.0
+        due = self._tracker.seconds_until_due(self._monotonic())
+        return 1.0 if due is None else min(due, 1.0)
+
+    def _take_from_queue(self, timeout: float) -> None:
+        items: list[tuple[str, Hint] | Future[list[FileRead]] | None] = []
+        try:
+            items.append(self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait())
+            while len(items) < 10_000:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        now = self._monotonic()
+        reads: list[FileRead] = []
+        for item in items:
+            if item is None:
+                continue
+            if isinstance(item, Future):
+                self._in_flight -= 1
+                reads.extend(self._result_of(item))
+            else:
+                self._tracker.note(item[0], item[1], now)
+        if reads:
+            self._handle_reads(reads)
+
+    def _result_of(self, future: Future[list[FileRead]]) -> list[FileRead]:
+        try:
+            return future.result()
+        except Exception:  # a reader process died: its files are looked at again later
+            logger.exception("a header reader process failed; its files are retried")
+            return []
+
+    def _poll_tracker(self) -> None:
+        now = self._monotonic()
+        decisions = self._tracker.poll(now)
+        for path, reason in decisions.to_quarantine:
+            self._count(self._archiver.quarantine(path, f"incomplete: {reason}"))
+        self._waiting_reads.extend(decisions.to_read)
+
+    def _submit_reads(self) -> None:
+        while self._waiting_reads and self._in_flight < self._max_in_flight:
+            # Small chunks when little is waiting (latency), large ones for a backlog.
+            size = max(1, min(64, len(self._waiting_reads) // self._reader.workers))
+            chunk, self._waiting_reads = (
+                self._waiting_reads[:size],
+                self._waiting_reads[size:],
+            )
+            future = self._reader.submit(chunk)
+            self._in_flight += 1
+            future.add_done_callback(self._queue.put)
+
+    def _handle_reads(self, reads: list[FileRead]) -> None:
+        now = self._monotonic()
+        good: list[FileRead] = []
+        for read in reads:
+            if read.header is not None:
+                good.append(read)
+                continue
+            reason = self._tracker.read_done(read, now)
+            if reason is not None:
+                self._count(self._archiver.quarantine(read.path, reason))
+        for start in range(0, len(good), self._batch_size):
+            self._file_batch(good[start : start + self._batch_size])
+
+    def _file_batch(self, batch: list[FileRead]) -> None:
+        now = self._monotonic()
+        try:
+            results = self._archiver.file_batch(batch)
+        except Exception as exc:  # the batch is the failure boundary: its files stay put
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.exception(
+                "filing a batch of %d files failed; they stay in incoming and are retried in 30 s",
+                len(batch),
+            )
+            for read in batch:
+                self._tracker.retry(read.path, now, delay=30.0)
+            return
+        for result in results:
+            self._count(result)
+            if result.outcome is Outcome.RETRY:
+                self._tracker.retry(result.source, now, delay=0.5)
+            else:
+                self._tracker.forget(result.source)
+
+    def _count(self, result: IngestResult) -> None:
+        self.counts[result.outcome] += 1
+        if result.outcome is Outcome.ARCHIVED:
+            logger.debug("archived %s as %s", result.source, result.detail)
+
+
+def ingest_paths(
+    archiver: Archiver,
+    reader: ParallelReader,
+    paths: Iterable[str],
+    *,
+    batch_size: int,
+    progress: Callable[[IngestResult], None],
+) -> dict[Outcome, int]:
+    """One-shot import of the given files through the same reading and filing code as the
+    daemon. Files are taken as they are: an incomplete one is quarantined at once."""
+    counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+    chunks: list[Future[list[FileRead]]] = []
+    chunk: list[str] = []
+
+    def file_all(reads: list[FileRead]) -> None:
+        while reads:
+            by_path = {read.path: read for read in reads}
+            reads = []
+            for result in archiver.file_batch(list(by_path.values())):
+                if result.outcome is Outcome.RETRY and result.detail == SAME_UID_IN_BATCH:
+                    reads.append(by_path[result.source])  # filed after its twin, in a new batch
+                    continue
+                counts[result.outcome] += 1
+                progress(result)
+
+    def finish(future: Future[list[FileRead]]) -> None:
+        good: list[FileRead] = []
+        for read in future.result():
+            if read.header is not None:
+                good.append(read)
+                continue
+            if read.vanished:
+                result = IngestResult(read.path, Outcome.RETRY, "vanished")
+            else:
+                prefix = "incomplete: " if read.incomplete else ""
+                result = archiver.quarantine(read.path, prefix + read.rejection)
+            counts[result.outcome] += 1
+            progress(result)
+        file_all(good)
+
+    for path in paths:
+        chunk.append(path)
+        if len(chunk) >= batch_size:
+            chunks.append(reader.submit(chunk))
+            chunk = []
+            if len(chunks) > reader.workers * 2:
+                finish(chunks.pop(0))
+    if chunk:
+        chunks.append(reader.submit(chunk))
+    for future in chunks:
+        finish(future)
+    return counts
