@@ -119,7 +119,7 @@ class IngestConfig:
     # Full scan of incoming/: inotify drops events silently when its queue overflows.
     rescan_seconds: float = 60.0
     empty_folder_grace_seconds: float = 300.0
-    parse_workers: int = 0  # 0 = one per CPU core
+    parse_workers: int = 0  # 0 = one per CPU core but one (at least one)
     batch_size: int = 256  # files per catalog transaction
 
 
