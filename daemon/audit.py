@@ -34,7 +34,7 @@ class CheckReport:
 
 
 def check_archive(catalog: Catalog, archive: Path) -> CheckReport:
-    report = CheckReport(moves_in_flight=catalog.summary().moves_in_flight)
+    report = CheckReport(moves_in_flight=catalog.moves_in_flight())
     expected = {f"{folder}/{rel_path}": size for folder, rel_path, size in catalog.archived_files()}
     report.checked_files = len(expected)
     for path, size in _walk_files(archive):

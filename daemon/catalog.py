@@ -543,38 +543,49 @@ class Catalog:
         def count(sql: str) -> int:
             return int(self._db.execute(sql).fetchone()[0] or 0)
 
+        # One pass per table, grouped by folder: correlated subqueries per folder would read
+        # the instances table once per folder.
+        per_folder: dict[int, list[int]] = {
+            folder_id: [0, 0, 0, 0] for (folder_id,) in self._db.execute("SELECT id FROM folders")
+        }
+        for folder_id, instances, size in self._db.execute(
+            "SELECT folder_id, count(*), sum(size) FROM instances GROUP BY folder_id"
+        ):
+            per_folder[folder_id][0] = instances
+            per_folder[folder_id][3] = size or 0
+        for folder_id, studies, series in self._db.execute(
+            "SELECT s.folder_id, count(DISTINCT s.id), count(se.id) FROM studies s "
+            "LEFT JOIN series se ON se.study_row_id = s.id GROUP BY s.folder_id"
+        ):
+            per_folder[folder_id][1] = studies
+            per_folder[folder_id][2] = series
+        names = dict(self._db.execute("SELECT id, name FROM folders"))
         folders = tuple(
-            FolderSummary(name, instances, studies, series, size or 0)
-            for name, instances, studies, series, size in self._db.execute(
-                "SELECT f.name,"
-                " (SELECT count(*) FROM instances i WHERE i.folder_id = f.id),"
-                " (SELECT count(*) FROM studies s WHERE s.folder_id = f.id),"
-                " (SELECT count(*) FROM series se JOIN studies s ON s.id = se.study_row_id"
-                "  WHERE s.folder_id = f.id),"
-                " (SELECT sum(size) FROM instances i WHERE i.folder_id = f.id)"
-                " FROM folders f ORDER BY f.name"
+            sorted(
+                (
+                    FolderSummary(names[folder_id], *figures)
+                    for folder_id, figures in per_folder.items()
+                ),
+                key=lambda folder: folder.name,
             )
         )
         duplicates = self._db.execute(
             "SELECT value FROM counters WHERE name = 'duplicates'"
         ).fetchone()
         return CatalogSummary(
-            instances=count("SELECT count(*) FROM instances"),
-            studies=count("SELECT count(*) FROM studies"),
-            series=count("SELECT count(*) FROM series"),
+            instances=sum(folder.instances for folder in folders),
+            studies=sum(folder.studies for folder in folders),
+            series=sum(folder.series for folder in folders),
             patients=count("SELECT count(*) FROM patients"),
-            bytes=count("SELECT sum(size) FROM instances"),
+            bytes=sum(folder.bytes for folder in folders),
             quarantined=count("SELECT count(*) FROM quarantine"),
             duplicates=int(duplicates[0]) if duplicates else 0,
-            moves_in_flight=count("SELECT count(*) FROM ingest_journal"),
+            moves_in_flight=self.moves_in_flight(),
             folders=folders,
         )
 
-    def instance_count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM instances").fetchone()[0])
-
-    def folder_names(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT name FROM folders ORDER BY name")]
+    def moves_in_flight(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM ingest_journal").fetchone()[0])
 
     def archived_files(self) -> Iterator[tuple[str, str, int]]:
         """(folder name, File ID, size) of every instance whose move is complete."""
@@ -582,15 +593,6 @@ class Catalog:
             "SELECT f.name, i.rel_path, i.size FROM instances i "
             "JOIN folders f ON f.id = i.folder_id "
             "WHERE NOT EXISTS (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
-        )
-
-    def study_folders(self) -> dict[str, str]:
-        """Study Instance UID -> folder name, for every study."""
-        return dict(
-            self._db.execute(
-                "SELECT s.study_instance_uid, f.name FROM studies s "
-                "JOIN folders f ON f.id = s.folder_id"
-            )
         )
 
 
