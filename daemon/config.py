@@ -4,7 +4,13 @@ Every problem in the file is collected, prefixed by its key path (``ingest.settl
 and raised at once in one :class:`ConfigError`, so an admin fixes the file in one pass. The CLI
 turns that into exit status :data:`EX_CONFIG` (78), which the systemd unit does not restart on.
 
-This module imports the standard library only: it runs before anything else is set up.
+This is the one place where what the admin wrote is checked: ``daemon.layout`` takes the
+sorting settings as given. So whatever :func:`load_config` accepts must work there, and the rules
+below follow layout's (a folder name any SMB client can open) and model's (when two Referring
+Physician spellings are one person: :func:`daemon.model.person_name_key`).
+
+This module imports the standard library and ``daemon.model`` (itself stdlib only): it runs
+before anything else is set up.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import os
 import re
 import string
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Final
+
+from daemon.model import NAME_MAX_BYTES, WINDOWS_DEVICE_NAMES, fold_case, person_name_key
 
 __all__ = [
     "ENV_VAR",
@@ -31,7 +40,6 @@ __all__ = [
     "LoggingConfig",
     "PathsConfig",
     "SortingConfig",
-    "alias_spelling_key",
     "find_config_file",
     "load_config",
     "render_config",
@@ -558,7 +566,11 @@ def _template_problems(template: str) -> list[str]:
 
 
 def _folder_name_problem(name: str, max_length: int) -> str | None:
-    """Why ``name`` cannot be a physician folder on the share, or None if it can."""
+    """Why ``name`` cannot be a physician folder on the share, or None if it can.
+
+    Only what breaks a client is refused; the cosmetic rules of generated names (no '..' inside,
+    no '_' or '-' at the ends, NFC) are not imposed on a name the admin chose.
+    """
     if not name:
         return "must not be empty"
     if name.startswith("."):
@@ -569,10 +581,23 @@ def _folder_name_problem(name: str, max_length: int) -> str | None:
         return f"must not contain {' '.join(forbidden)}"
     if any(_is_control(char) for char in name):
         return "must not contain control characters"
+    if any(unicodedata.category(char) == "Cs" for char in name):
+        # TOML cannot carry one, but a name that is not encodable as UTF-8 is no file name.
+        return "must not contain lone surrogates (not encodable as UTF-8)"
     if name[-1] in ". ":
         return "must not end with '.' or a space (Windows clients cannot open it over SMB)"
+    # Windows decides by the part before the first dot, trailing spaces ignored.
+    device = name.partition(".")[0].rstrip(" ")
+    if device.upper() in WINDOWS_DEVICE_NAMES:
+        return (
+            f"must not be the Windows device name {device.upper()}, in any case or before an "
+            "extension"
+        )
     if len(name) > max_length:
         return f"is {len(name)} characters long, over sorting.max_folder_length ({max_length})"
+    size = len(name.encode("utf-8"))
+    if size > NAME_MAX_BYTES:
+        return f"is {size} bytes long in UTF-8, over the {NAME_MAX_BYTES} a file name may have"
     return None
 
 
@@ -587,16 +612,18 @@ def _load_aliases(sorting: _Section, unknown_folder: str, max_length: int) -> _F
             f'expected a table of folder = ["SPELLING^ONE", ...], got {_describe(table)}',
         )
         return _FrozenMapping()
-    # SMB shares are case-insensitive: two folder names differing only in case are one folder.
+    # SMB shares are case-insensitive: two folder names differing only in case (or Unicode
+    # normalization) are one folder. fold_case is also daemon.layout's folder_key.
     folders_seen: dict[str, str] = {}
-    spellings_seen: dict[str, tuple[str, str]] = {}  # normalised -> (folder, as written)
+    # person_name_key -> (folder, as written): the key ingest looks the spelling up by.
+    spellings_seen: dict[str, tuple[str, str]] = {}
     aliases: dict[str, tuple[str, ...]] = {}
     for folder, spellings in table.items():
         folder_path = _key_path("sorting", "aliases", folder)
         if problem := _folder_name_problem(folder, max_length):
             errors.append(f"{folder_path}: folder name {problem}")
-        folded = folder.casefold()
-        if folded == unknown_folder.casefold():
+        folded = fold_case(folder)
+        if folded == fold_case(unknown_folder):
             errors.append(
                 f"{folder_path}: folder name must differ from sorting.unknown_folder "
                 f"({_toml_string(unknown_folder)})"
@@ -631,7 +658,10 @@ def _load_aliases(sorting: _Section, unknown_folder: str, max_length: int) -> _F
                 # PS3.5 6.2: backslash separates values; PN allows no control characters.
                 errors.append(f"{item_path}: must not contain a backslash or control characters")
                 continue
-            key = alias_spelling_key(spelling)
+            key = person_name_key(spelling)
+            if not key:
+                errors.append(f"{item_path}: names no one (only '^' and spaces)")
+                continue
             owner = spellings_seen.get(key)
             if owner is not None and owner[0] != folder:
                 errors.append(
@@ -644,14 +674,6 @@ def _load_aliases(sorting: _Section, unknown_folder: str, max_length: int) -> _F
             accepted.append(spelling)
         aliases[folder] = tuple(accepted)
     return _FrozenMapping(aliases)
-
-
-def alias_spelling_key(spelling: str) -> str:
-    """The form in which two Referring Physician spellings are compared: no spaces, casefolded.
-
-    ``"Smith^J"``, ``"SMITH^J "`` and ``"SMITH ^J"`` are the same spelling.
-    """
-    return "".join(spelling.split()).casefold()
 
 
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:

@@ -40,10 +40,9 @@ from daemon.layout import (
     alias_lookup,
     file_id_component,
     folder_key,
-    person_name_key,
     physician_folder_name,
 )
-from daemon.model import FileIdentity, Hint, IngestResult, InstanceHeader, Outcome
+from daemon.model import FileIdentity, Hint, IngestResult, InstanceHeader, Outcome, person_name_key
 
 logger = logging.getLogger(__name__)
 

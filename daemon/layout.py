@@ -5,6 +5,8 @@ the same name. Callers (ingest, dicomdir, convert) check names against what exis
 
 Physician folders are shown to researchers over SMB by Windows, macOS and Linux clients, so a
 folder name must be valid on all of them: the rules are listed on `physician_folder_name`.
+Names the admin wrote (`unknown_folder`, alias folders, the template) are taken as given: they
+were validated once, by `daemon.config`, when the daemon started.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import string
 import unicodedata
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+
+from daemon.model import NAME_MAX_BYTES, WINDOWS_DEVICE_NAMES, fold_case, person_name_key
 
 __all__ = [
     "FILE_ID_COMPONENT",
@@ -23,7 +25,6 @@ __all__ = [
     "file_id_component",
     "folder_key",
     "instance_file_id",
-    "person_name_key",
     "physician_folder_name",
 ]
 
@@ -42,13 +43,10 @@ _EDGE_SEPARATORS = " _.,;-"
 # Windows device names: reserved in any case, with any extension ("con.txt", "nul.tar.gz"), and
 # with spaces before the extension ("CON .txt"). COM0/LPT0 and the superscript digits are listed
 # by Microsoft's "Naming Files, Paths, and Namespaces"; CONIN$/CONOUT$ by CreateFile (consoles).
-_WINDOWS_DEVICE_NAMES = frozenset(
-    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
-    + [f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"]
-)
+# daemon.config refuses the same names where the admin writes a folder name (test_config checks
+# that the two agree).
 
 # A file name component is at most 255 bytes on ext4, XFS, btrfs and ZFS (NAME_MAX).
-_NAME_MAX_BYTES = 255
 
 _DOT_RUN = re.compile(r"\.{2,}")
 _UNDERSCORE_RUN = re.compile(r"[ _]*_[ _]*")  # a run of spaces and '_' holding at least one '_'
@@ -59,37 +57,13 @@ _SPACE_RUN = re.compile(r" {2,}")
 FILE_ID_COMPONENT = re.compile(r"[A-Z0-9_]{1,8}")
 
 
-def _fold(text: str) -> str:
-    """Caseless form of `text`, at least as coarse as an SMB server's case-insensitivity.
-
-    casefold() alone keeps Turkish dotless 'ı' apart from 'i', but Samba and NTFS upper-case
-    both to 'I' (simple case mapping), so "Yıldız" and "YILDIZ" are one folder there: upper-case
-    first, then casefold. NFC on both sides so precomposed and decomposed spellings agree.
-    """
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).upper().casefold())
-
-
-def person_name_key(name: str) -> str:
-    """Identity of one PN spelling (one component group, e.g. the alphabetic group).
-
-    Surrounding whitespace of the whole and of each ^-component is stripped, runs of whitespace
-    inside a component become one space, empty trailing components are dropped, then the result
-    is NFC-normalized and case-folded (see `_fold`). "SMITH^JOHN", "Smith^John" and
-    " smith^john^^ " share one key; an empty or blank name has the key "".
-    """
-    components = [" ".join(component.split()) for component in name.strip().split("^")]
-    while components and not components[-1]:
-        components.pop()
-    return _fold("^".join(components))
-
-
 def folder_key(folder_name: str) -> str:
     """Case-insensitive identity of a folder name.
 
     SMB clients are case-insensitive: two folders whose names differ only in case (or in
     Unicode normalization) are the same folder and must not both exist.
     """
-    return _fold(folder_name)
+    return fold_case(folder_name)
 
 
 def _pn_components(name: str) -> dict[str, str]:
@@ -102,33 +76,6 @@ def _pn_components(name: str) -> dict[str, str]:
         parts[last:] = [" ".join(part for part in parts[last:] if part)]
     parts += [""] * (len(_PN_COMPONENTS) - len(parts))
     return dict(zip(_PN_COMPONENTS, parts, strict=True))
-
-
-@lru_cache(maxsize=32)
-def _check_template(template: str) -> None:
-    """Raise ValueError unless `template` uses only the five PN placeholders, at least once."""
-    try:
-        fields = [
-            (field_name, format_spec)
-            for _, field_name, format_spec, _ in string.Formatter().parse(template)
-            if field_name is not None
-        ]
-    except ValueError as error:
-        raise ValueError(f"folder name template {template!r}: {error}") from None
-    if not fields:
-        # A constant template would put every physician into the same folder.
-        raise ValueError(
-            f"folder name template {template!r} uses no placeholder; use some of "
-            + " ".join("{" + name + "}" for name in _PN_COMPONENTS)
-        )
-    for field_name, format_spec in fields:
-        if field_name not in _PN_COMPONENTS:
-            raise ValueError(
-                f"folder name template {template!r}: unknown placeholder {{{field_name}}}; "
-                "use " + " ".join("{" + name + "}" for name in _PN_COMPONENTS)
-            )
-        if format_spec and "{" in format_spec:
-            raise ValueError(f"folder name template {template!r}: nested placeholders")
 
 
 def _replace_unsafe_chars(text: str) -> str:
@@ -170,12 +117,12 @@ def _fit(name: str, max_length: int) -> str:
     A cut never separates a base character from its combining marks (unless it is the only
     character left); the result is NFC and stripped of edge separators again.
     """
-    while len(name) > max_length or len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+    while len(name) > max_length or len(name.encode("utf-8")) > NAME_MAX_BYTES:
         cut = 0
         size = 0
         for char in name[:max_length]:
             size += len(char.encode("utf-8"))
-            if size > _NAME_MAX_BYTES:
+            if size > NAME_MAX_BYTES:
                 break
             cut += 1
         keep = cut
@@ -195,11 +142,11 @@ def _avoid_device_name(name: str, max_length: int) -> str:
     """
     base, dot, extension = name.partition(".")
     stem = base.rstrip(" ")
-    if stem.upper() not in _WINDOWS_DEVICE_NAMES:
+    if stem.upper() not in WINDOWS_DEVICE_NAMES:
         return name
     # The spaces before the dot go: "_ " would collapse to "_" when the name is cleaned again.
     padded = f"{stem}_{dot}{extension}"
-    if len(padded) <= max_length and len(padded.encode("utf-8")) <= _NAME_MAX_BYTES:
+    if len(padded) <= max_length and len(padded.encode("utf-8")) <= NAME_MAX_BYTES:
         return padded
     return stem[:-1] + name[len(stem) :]
 
@@ -207,32 +154,6 @@ def _avoid_device_name(name: str, max_length: int) -> str:
 def _safe_name(text: str, max_length: int) -> str:
     """`text` made into a folder name that is valid on POSIX and for Windows SMB clients."""
     return _avoid_device_name(_fit(_clean(text), max_length), max_length)
-
-
-def _folder_name_problem(name: str, max_length: int) -> str | None:
-    """Why a folder name written by the admin (config) cannot be used as is, or None.
-
-    Only what breaks a client is refused; cosmetic rules of generated names (no '..' inside,
-    no '_' or '-' at the ends, NFC) are not imposed on a name someone chose.
-    """
-    if not name:
-        return "is empty"
-    if name.startswith("."):
-        return "starts with '.' (hidden on POSIX; '.tmp-*' is reserved for partial files)"
-    forbidden = sorted(_FORBIDDEN_CHARS.intersection(name))
-    if forbidden:
-        return "contains " + " ".join(forbidden) + " (not allowed in Windows file names)"
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
-        return "contains control characters or lone surrogates"
-    if name.endswith((".", " ")):
-        return "ends with '.' or a space (Windows clients cannot open it over SMB)"
-    if name.partition(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
-        return "is a Windows device name (CON, PRN, AUX, NUL, COM1, LPT1, ...)"
-    if len(name) > max_length:
-        return f"is longer than {max_length} characters"
-    if len(name.encode("utf-8")) > _NAME_MAX_BYTES:
-        return f"is longer than {_NAME_MAX_BYTES} bytes in UTF-8"
-    return None
 
 
 def physician_folder_name(
@@ -259,62 +180,31 @@ def physician_folder_name(
 
     Letters of any script and the case written are kept: "Müller^Jürgen" -> "Müller_Jürgen",
     "SMITH^JOHN" -> "SMITH_JOHN" (with template "{family}_{given}"). An empty name, or one that
-    cleans to nothing, gives `unknown_folder`.
+    cleans to nothing, gives `unknown_folder`, used as written.
 
-    Raises ValueError for a template with an unknown or no placeholder, for max_length < 1, and
-    for an `unknown_folder` that no client can use (see `_folder_name_problem`).
+    `template` and `unknown_folder` are used as daemon.config validated them; a template that
+    config would refuse may raise from str.format. Raises ValueError for max_length < 1.
     """
     if max_length < 1:
         raise ValueError(f"folder name max_length must be at least 1, not {max_length}")
-    if problem := _folder_name_problem(unknown_folder, max_length):
-        raise ValueError(f"unknown folder name {unknown_folder!r} {problem}")
-    _check_template(template)
     components = _pn_components(referring_physician_name)
     if not any(components.values()):
         return unknown_folder
-    try:
-        formatted = template.format(**components)
-    except ValueError as error:  # a format spec that does not apply to str, e.g. "{family:d}"
-        raise ValueError(f"folder name template {template!r}: {error}") from None
-    return _safe_name(formatted, max_length) or unknown_folder
+    return _safe_name(template.format(**components), max_length) or unknown_folder
 
 
 def alias_lookup(aliases: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """Map person_name_key(spelling) -> folder name, from config [sorting.aliases].
 
     `aliases` maps a folder name to the PN spellings that belong in it; folder names are kept as
-    written. Raises ValueError (naming the folders and spelling) when a folder name is unusable
-    (see `_folder_name_problem`), when two folder names are one folder over SMB (same
-    `folder_key`), when a spelling is blank, or when one spelling (same `person_name_key`) is
-    listed under two folders.
+    written. Config has already refused unusable folder names and a spelling (same
+    `person_name_key`) listed under two folders, so nothing is checked here.
     """
-    lookup: dict[str, str] = {}
-    folders_by_key: dict[str, str] = {}
-    for folder, spellings in aliases.items():
-        if problem := _folder_name_problem(folder, _NAME_MAX_BYTES):
-            raise ValueError(f"sorting.aliases: folder name {folder!r} {problem}")
-        other = folders_by_key.setdefault(folder_key(folder), folder)
-        if other != folder:
-            raise ValueError(
-                f"sorting.aliases: {other!r} and {folder!r} differ only in case, "
-                "which is the same folder over SMB"
-            )
-        if isinstance(spellings, str):
-            # A bare string is a Sequence[str] too; iterating it would alias single letters.
-            raise ValueError(
-                f"sorting.aliases.{folder}: expected a list of names, not the string {spellings!r}"
-            )
-        for spelling in spellings:
-            key = person_name_key(spelling)
-            if not key:
-                raise ValueError(f"sorting.aliases.{folder}: blank name {spelling!r}")
-            previous = lookup.setdefault(key, folder)
-            if previous != folder:
-                raise ValueError(
-                    f"sorting.aliases: {spelling!r} is listed under both {previous!r} "
-                    f"and {folder!r}"
-                )
-    return lookup
+    return {
+        person_name_key(spelling): folder
+        for folder, spellings in aliases.items()
+        for spelling in spellings
+    }
 
 
 def file_id_component(uid: str, attempt: int = 0) -> str:

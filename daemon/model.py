@@ -1,9 +1,50 @@
-"""Plain values passed between modules. No behaviour beyond trivial helpers, no I/O."""
+"""Plain values passed between modules. No behaviour beyond trivial helpers, no I/O.
+
+`person_name_key`, `fold_case` and the file-name limits are here because config (which
+validates what the admin writes) and layout (which builds names at ingest) must agree on them
+exactly, and config may import nothing but the standard library and this module.
+"""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final
+
+# Windows device names: reserved in any case, also before an extension ("nul.txt"); COM0/LPT0
+# and the superscript digits per Microsoft's "Naming Files, Paths, and Namespaces", CONIN$ and
+# CONOUT$ per CreateFile. A folder on the SMB share must not be one.
+WINDOWS_DEVICE_NAMES: Final = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"]
+)
+# NAME_MAX of ext4, XFS, btrfs and ZFS: a file name component is at most 255 bytes.
+NAME_MAX_BYTES: Final = 255
+
+
+def fold_case(text: str) -> str:
+    """Caseless form of `text`, at least as coarse as an SMB server's case-insensitivity.
+
+    casefold() alone keeps Turkish dotless 'ı' apart from 'i', but Samba and NTFS upper-case
+    both to 'I' (simple case mapping), so "Yıldız" and "YILDIZ" are one folder there: upper-case
+    first, then casefold. NFC on both sides so precomposed and decomposed spellings agree.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).upper().casefold())
+
+
+def person_name_key(name: str) -> str:
+    """Identity of one PN spelling (one component group, e.g. the alphabetic group).
+
+    Surrounding whitespace of the whole and of each ^-component is stripped, runs of whitespace
+    inside a component become one space, empty trailing components are dropped, then the result
+    is NFC-normalized and case-folded (see `fold_case`). "SMITH^JOHN", "Smith^John" and
+    " smith^john^^ " share one key; an empty or blank name has the key "".
+    """
+    components = [" ".join(component.split()) for component in name.strip().split("^")]
+    while components and not components[-1]:
+        components.pop()
+    return fold_case("^".join(components))
 
 
 @dataclass(frozen=True, slots=True)

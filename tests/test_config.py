@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -20,6 +21,8 @@ from daemon.config import (
     load_config,
     render_config,
 )
+from daemon.layout import alias_lookup, folder_key, physician_folder_name
+from daemon.model import person_name_key
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config.toml"
@@ -45,6 +48,16 @@ def load_errors(path: Path) -> list[str]:
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     return raised.value.errors
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (JSON's escapes are TOML's, for non-surrogate text)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def toml_key(text: str) -> str:
+    """``text`` as a TOML key, quoted when it is not bare (as config's error messages show it)."""
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else toml_string(text)
 
 
 # --- the shipped file ---------------------------------------------------------------------------
@@ -419,6 +432,299 @@ def test_alias_folders_follow_the_folder_name_rules(tmp_path: Path) -> None:
         ' got "SMITH^J"',
         "sorting.aliases.also_ok[0]: expected a string, got 3",
     ]
+
+
+# --- sorting: config is the only check of what layout is given ----------------------------------
+
+# Windows device names, as Microsoft lists them; layout renames a generated name that is one.
+DEVICE_NAMES = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"] + [
+    f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789¹²³"
+]
+
+
+@pytest.mark.parametrize(
+    ("unknown_folder", "problem"),
+    [
+        ("", "must not be empty"),
+        (".unknown", "must not start with '.'"),
+        ("..", "must not start with '.'"),
+        ("a/b", "must not contain /"),
+        ("a:b", "must not contain :"),
+        ("x\x00y", "must not contain control characters"),
+        ("x\x85y", "must not contain control characters"),
+        ("unknown ", "must not end with '.' or a space"),
+        ("unknown.", "must not end with '.' or a space"),
+        ("CON", "must not be the Windows device name CON"),
+        ("nul.txt", "must not be the Windows device name NUL"),
+        ("Com1 .tar.gz", "must not be the Windows device name COM1"),
+        ("lpt¹", "must not be the Windows device name LPT¹"),
+        pytest.param(
+            "u" * 65, "is 65 characters long, over sorting.max_folder_length (64)", id="65-chars"
+        ),
+        pytest.param(
+            "😀" * 64,
+            "is 256 bytes long in UTF-8, over the 255 a file name may have",
+            id="256-bytes",
+        ),
+    ],
+)
+def test_unusable_unknown_folder_is_rejected_with_its_key_path(
+    tmp_path: Path, unknown_folder: str, problem: str
+) -> None:
+    path = write_config(tmp_path, f"[sorting]\nunknown_folder = {toml_string(unknown_folder)}\n")
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"sorting.unknown_folder: {problem}")
+
+
+@pytest.mark.parametrize(
+    "folder", ["", "..", "../etc", "a/b", ".hidden", "trailing.", "CON", "aux.x", "x:y", "a\tb"]
+)
+def test_alias_folder_that_no_client_can_use_is_rejected_with_its_key_path(
+    tmp_path: Path, folder: str
+) -> None:
+    path = write_config(tmp_path, f'[sorting.aliases]\n{toml_string(folder)} = ["SMITH^JOHN"]\n')
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"sorting.aliases.{toml_key(folder)}: folder name must")
+
+
+def test_alias_folder_longer_than_255_bytes_is_rejected(tmp_path: Path) -> None:
+    folder = "山" * 86  # 258 bytes in 86 characters
+    path = write_config(
+        tmp_path, f'[sorting]\nmax_folder_length = 200\n[sorting.aliases]\n"{folder}" = ["YAMA^"]\n'
+    )
+
+    assert load_errors(path) == [
+        f'sorting.aliases."{folder}": folder name is 258 bytes long in UTF-8, over the 255 a '
+        "file name may have"
+    ]
+
+
+def test_folder_name_with_a_lone_surrogate_is_refused() -> None:
+    # TOML cannot spell one (its escapes are Unicode scalar values), so load_config never sees
+    # one; the rule is checked directly.
+    from daemon.config import _folder_name_problem
+
+    assert _folder_name_problem("Smith\udce9", 64) == (
+        "must not contain lone surrogates (not encodable as UTF-8)"
+    )
+
+
+@pytest.mark.parametrize("name", DEVICE_NAMES)
+def test_config_refuses_exactly_the_device_names_layout_renames(tmp_path: Path, name: str) -> None:
+    lowered = name.lower() + ".txt"
+    path = write_config(tmp_path, f"[sorting]\nunknown_folder = {toml_string(lowered)}\n")
+
+    assert load_errors(path) == [
+        f"sorting.unknown_folder: must not be the Windows device name {name}, in any case or "
+        "before an extension"
+    ]
+    assert physician_folder_name(
+        lowered, template="{family}", unknown_folder="unknown", max_length=64
+    ) == lowered.replace(".", "_.", 1)
+
+
+@pytest.mark.parametrize("name", ["COM10", "Conrad", "Connor", "Nully", "LPT", "AUXILIARY"])
+def test_names_that_only_resemble_device_names_pass_config_and_layout(
+    tmp_path: Path, name: str
+) -> None:
+    path = write_config(tmp_path, f'[sorting]\nunknown_folder = "{name}"\n')
+
+    assert load_config(path).sorting.unknown_folder == name
+    assert physician_folder_name(name, template="{family}", unknown_folder="u", max_length=64) == (
+        name
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{first}", "unknown placeholder {first}"),
+        ("{}", "unknown placeholder {}"),
+        ("{0}", "unknown placeholder {0}"),
+        ("{family.upper}", "unknown placeholder {family.upper}"),
+        ("{family[0]}", "unknown placeholder {family[0]}"),
+        ("{family:d}", "placeholder {family:d}: conversions and format specs are not supported"),
+        ("{family:{given}}", "placeholder {family:{given}}: conversions and format specs"),
+        ("{family}}", "is not a valid template"),
+        ("plain", "has no placeholder"),
+        ("", "must not be empty"),
+    ],
+)
+def test_template_that_str_format_could_not_fill_is_rejected(
+    tmp_path: Path, template: str, problem: str
+) -> None:
+    path = write_config(tmp_path, f"[sorting]\nfolder_template = {toml_string(template)}\n")
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"sorting.folder_template: {problem}")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Smith", "SMITH"), ("Yıldız", "YILDIZ"), ("Müller", "Mu\u0308ller"), ("Straße", "STRASSE")],
+)
+def test_alias_folders_that_are_one_folder_over_smb_are_rejected(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    assert folder_key(first) == folder_key(second)
+    path = write_config(
+        tmp_path,
+        f'[sorting.aliases]\n"{first}" = ["A^B"]\n"{second}" = ["C^D"]\n',
+    )
+
+    assert load_errors(path) == [
+        f"sorting.aliases.{toml_key(second)}: same folder as sorting.aliases.{toml_key(first)} "
+        "on a case-insensitive share"
+    ]
+
+
+def test_alias_folder_that_is_the_unknown_folder_over_smb_is_rejected(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, '[sorting]\nunknown_folder = "Yıldız"\n[sorting.aliases]\nYILDIZ = ["Y^A"]\n'
+    )
+
+    assert load_errors(path) == [
+        'sorting.aliases.YILDIZ: folder name must differ from sorting.unknown_folder ("Yıldız")'
+    ]
+
+
+@pytest.mark.parametrize("spelling", [" ^ ", "^^^^", "  "])
+def test_alias_spelling_that_names_no_one_is_rejected(tmp_path: Path, spelling: str) -> None:
+    path = write_config(
+        tmp_path, f'[sorting.aliases]\nSmith = ["SMITH^JOHN", {toml_string(spelling)}]\n'
+    )
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith("sorting.aliases.Smith[1]: ")
+
+
+def test_smith_j_and_smith_j_with_empty_components_under_two_folders_are_rejected(
+    tmp_path: Path,
+) -> None:
+    # Ingest looks aliases up by person_name_key, which drops empty trailing components.
+    path = write_config(
+        tmp_path, '[sorting.aliases]\nSmith_J = ["Smith^J"]\nSmith_John = ["SMITH^J^^"]\n'
+    )
+
+    assert load_errors(path) == [
+        'sorting.aliases.Smith_John[0]: "SMITH^J^^" is already listed under '
+        'sorting.aliases.Smith_J as "Smith^J"; a spelling can lead to one folder only'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("Smith^J", "SMITH^J^^"),
+        (" smith ^ j ", "Smith^J"),
+        ("Smith  Jones^A", "smith jones^a"),
+        ("Müller^J", "MU\u0308LLER^J"),
+        ("Yıldız^A", "YILDIZ^A"),
+        ("Smith^J", "Smith^^J"),
+        ("SmithJones^A", "Smith Jones^A"),
+        ("Smith^J", "Smith^Jo"),
+    ],
+)
+def test_config_alias_rule_agrees_with_the_key_ingest_looks_up(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        f"[sorting.aliases]\nOne = [{toml_string(first)}]\nTwo = [{toml_string(second)}]\n",
+    )
+    same_person = person_name_key(first) == person_name_key(second)
+
+    if same_person:
+        assert load_errors(path)[0].startswith("sorting.aliases.Two[0]: ")
+    else:
+        lookup = alias_lookup(load_config(path).sorting.aliases)
+        assert lookup == {person_name_key(first): "One", person_name_key(second): "Two"}
+
+
+SAMPLE_REFERRING_PHYSICIANS = [
+    "",
+    " ^ ",
+    "Smith^John",
+    "SMITH^J^^",
+    "CON",
+    "nul.txt^x",
+    "Müller^Jürgen",
+    "山田^太郎",
+    "😀" * 100,
+    "A" * 300 + "^" + "B" * 300,
+    "..^..",
+    "Smith/Jones^Ann^B^Dr.^Jr.^extra",
+    "x\x00\udce9^\u202e",
+]
+
+
+def uncommented_shipped_config() -> str:
+    text = SHIPPED_CONFIG.read_text(encoding="utf-8")
+    return re.sub(r"^# (\S.* = \[.*\])$", r"\1", text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(None, id="shipped"),
+        pytest.param("uncommented", id="shipped-with-alias-examples"),
+        pytest.param(
+            '[sorting]\nunknown_folder = "n.a.-"\nmax_folder_length = 20\n'
+            "[sorting.aliases]\n"
+            '"Dr. Smith, J. (Card)" = ["Smith^J", "SMITH^J^^", " smith ^ j "]\n'
+            '"Yıldız" = ["Yıldız^Ayşe", "YILDIZ^AYSE"]\n'
+            '"山田" = ["山田^太郎", "YAMADA^TAROU"]\n',
+            id="aliases-at-the-edges",
+        ),
+        pytest.param(
+            '[sorting]\nfolder_template = "{{{prefix}}} {family}, {given} {middle}.{suffix}"\n'
+            'unknown_folder = "Unbekannt…"\nmax_folder_length = 200\n',
+            id="template-with-literal-braces",
+        ),
+        pytest.param(
+            '[sorting]\nfolder_template = "{suffix}"\nunknown_folder = "COM10"\n'
+            "max_folder_length = 200\n"
+            "[sorting.aliases]\n" + toml_string("\U0001f600" * 63) + ' = ["EMOJI^"]\n',
+            id="emoji-alias-folder-of-252-bytes",
+        ),
+    ],
+)
+def test_every_accepted_sorting_config_works_in_layout(tmp_path: Path, body: str | None) -> None:
+    if body is None:
+        path = SHIPPED_CONFIG
+    else:
+        path = tmp_path / "config.toml"
+        path.write_text(
+            uncommented_shipped_config() if body == "uncommented" else VALID_PATHS + body,
+            encoding="utf-8",
+        )
+    sorting = load_config(path).sorting
+
+    lookup = alias_lookup(sorting.aliases)
+    names = [
+        physician_folder_name(
+            name,
+            template=sorting.folder_template,
+            unknown_folder=sorting.unknown_folder,
+            max_length=sorting.max_folder_length,
+        )
+        for name in SAMPLE_REFERRING_PHYSICIANS
+    ]
+
+    for folder, spellings in sorting.aliases.items():
+        assert all(lookup[person_name_key(spelling)] == folder for spelling in spellings)
+    assert names[0] == names[1] == sorting.unknown_folder
+    assert all(0 < len(name) <= sorting.max_folder_length for name in names)
 
 
 def test_config_sections_are_hashable_and_immutable(tmp_path: Path) -> None:
