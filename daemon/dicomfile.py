@@ -22,6 +22,11 @@ Outcomes:
 - `OSError` with an errno: the file could not be opened or read (vanished, permissions, I/O
   error); the caller decides.
 
+The same parsed header gives the instance's DICOMDIR leaf record (PS3.3 F.5): its Directory
+Record Type by SOP Class, and for non-image types its keys encoded by pydicom's own recorders,
+so the DICOMDIR is later written from the catalog without opening the file again. A key the
+record needs but the file lacks never rejects the instance (see _INVENTED_KEYS).
+
 A pydicom `Dataset` never leaves this module: callers get `InstanceHeader` and `FileIdentity`.
 
 Importing this module sets pydicom's `reading_validation_mode` to IGNORE for the process: value
@@ -36,18 +41,23 @@ import logging
 import math
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, NoReturn
 
 from pydicom import config as pydicom_config
+from pydicom import uid as sop
 from pydicom.charset import decode_bytes, default_encoding
 from pydicom.datadict import dictionary_description, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import dcmread, read_dataset
+from pydicom.fileset import DIRECTORY_RECORDERS
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
@@ -59,6 +69,8 @@ logger = logging.getLogger(__name__)
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 __all__ = [
+    "IMAGE_RECORD",
+    "PRIVATE_RECORD",
     "IncompleteFileError",
     "NotAcceptedError",
     "RejectedFileError",
@@ -704,6 +716,328 @@ def _check_complete(
     _check_pixel_lengths(walker, values, transfer_syntax_uid)
 
 
+# --- the instance's DICOMDIR record (PS3.3 F.5) ------------------------------------------
+
+
+def _record_type_of(record_type: str, *sop_class_uids: str) -> dict[str, str]:
+    return dict.fromkeys(sop_class_uids, record_type)
+
+
+# Directory Record Type (0004,1430) of the leaf record for each Storage SOP Class that is not
+# an image (PS3.3 F.5.x "This Directory Record shall be used to reference ..."). Image SOP
+# Classes (Segmentation, Parametric Map, RT Image, video and every "... Image Storage") are not
+# listed: a SOP Class not listed here is IMAGE when the instance has Rows or its class always has
+# pixel data, and PRIVATE otherwise (private and future SOP Classes; see dicomdir.py). Hanging
+# protocols, palettes and implant templates have top-level records of their own and no study to
+# file them under, so ingest never accepts them.
+_DIRECTORY_RECORD_TYPES: Final[dict[str, str]] = {
+    **_record_type_of("RT DOSE", sop.RTDoseStorage),
+    **_record_type_of("RT STRUCTURE SET", sop.RTStructureSetStorage),
+    **_record_type_of("RT PLAN", sop.RTPlanStorage, sop.RTIonPlanStorage),
+    **_record_type_of(
+        "RT TREAT RECORD",
+        sop.RTBeamsTreatmentRecordStorage,
+        sop.RTBrachyTreatmentRecordStorage,
+        sop.RTTreatmentSummaryRecordStorage,
+        sop.RTIonBeamsTreatmentRecordStorage,
+    ),
+    **_record_type_of(
+        "PRESENTATION",
+        sop.GrayscaleSoftcopyPresentationStateStorage,
+        sop.ColorSoftcopyPresentationStateStorage,
+        sop.PseudoColorSoftcopyPresentationStateStorage,
+        sop.BlendingSoftcopyPresentationStateStorage,
+        sop.XAXRFGrayscaleSoftcopyPresentationStateStorage,
+        sop.GrayscalePlanarMPRVolumetricPresentationStateStorage,
+        sop.CompositingPlanarMPRVolumetricPresentationStateStorage,
+        sop.AdvancedBlendingPresentationStateStorage,
+        sop.VolumeRenderingVolumetricPresentationStateStorage,
+        sop.SegmentedVolumeRenderingVolumetricPresentationStateStorage,
+        sop.MultipleVolumeRenderingVolumetricPresentationStateStorage,
+        sop.VariableModalityLUTSoftcopyPresentationStateStorage,
+        sop.BasicStructuredDisplayStorage,
+    ),
+    **_record_type_of(
+        "WAVEFORM",
+        sop.TwelveLeadECGWaveformStorage,
+        sop.GeneralECGWaveformStorage,
+        sop.General32bitECGWaveformStorage,
+        sop.AmbulatoryECGWaveformStorage,
+        sop.HemodynamicWaveformStorage,
+        sop.CardiacElectrophysiologyWaveformStorage,
+        sop.BasicVoiceAudioWaveformStorage,
+        sop.GeneralAudioWaveformStorage,
+        sop.ArterialPulseWaveformStorage,
+        sop.RespiratoryWaveformStorage,
+        sop.MultichannelRespiratoryWaveformStorage,
+        sop.RoutineScalpElectroencephalogramWaveformStorage,
+        sop.ElectromyogramWaveformStorage,
+        sop.ElectrooculogramWaveformStorage,
+        sop.SleepElectroencephalogramWaveformStorage,
+        sop.BodyPositionWaveformStorage,
+    ),
+    **_record_type_of(
+        "SR DOCUMENT",
+        sop.BasicTextSRStorage,
+        sop.EnhancedSRStorage,
+        sop.ComprehensiveSRStorage,
+        sop.Comprehensive3DSRStorage,
+        sop.ExtensibleSRStorage,
+        sop.ProcedureLogStorage,
+        sop.MammographyCADSRStorage,
+        sop.ChestCADSRStorage,
+        sop.ColonCADSRStorage,
+        sop.XRayRadiationDoseSRStorage,
+        sop.EnhancedXRayRadiationDoseSRStorage,
+        sop.RadiopharmaceuticalRadiationDoseSRStorage,
+        sop.PatientRadiationDoseSRStorage,
+        sop.AcquisitionContextSRStorage,
+        sop.SimplifiedAdultEchoSRStorage,
+        sop.PlannedImagingAgentAdministrationSRStorage,
+        sop.PerformedImagingAgentAdministrationSRStorage,
+        sop.WaveformAnnotationSRStorage,
+        sop.ImplantationPlanSRStorage,
+        sop.SpectaclePrescriptionReportStorage,
+        sop.MacularGridThicknessAndVolumeReportStorage,
+    ),
+    **_record_type_of("KEY OBJECT DOC", sop.KeyObjectSelectionDocumentStorage),
+    **_record_type_of("SPECTROSCOPY", sop.MRSpectroscopyStorage),
+    **_record_type_of("RAW DATA", sop.RawDataStorage),
+    **_record_type_of(
+        "REGISTRATION", sop.SpatialRegistrationStorage, sop.DeformableSpatialRegistrationStorage
+    ),
+    **_record_type_of("FIDUCIAL", sop.SpatialFiducialsStorage),
+    **_record_type_of(
+        "ENCAP DOC",
+        sop.EncapsulatedPDFStorage,
+        sop.EncapsulatedCDAStorage,
+        sop.EncapsulatedSTLStorage,
+        sop.EncapsulatedOBJStorage,
+        sop.EncapsulatedMTLStorage,
+    ),
+    **_record_type_of("VALUE MAP", sop.RealWorldValueMappingStorage),
+    **_record_type_of("STEREOMETRIC", sop.StereometricRelationshipStorage),
+    **_record_type_of(
+        "MEASUREMENT",
+        sop.LensometryMeasurementsStorage,
+        sop.AutorefractionMeasurementsStorage,
+        sop.KeratometryMeasurementsStorage,
+        sop.SubjectiveRefractionMeasurementsStorage,
+        sop.VisualAcuityMeasurementsStorage,
+        sop.OphthalmicAxialMeasurementsStorage,
+        sop.IntraocularLensCalculationsStorage,
+        sop.OphthalmicVisualFieldStaticPerimetryMeasurementsStorage,
+    ),
+    **_record_type_of("SURFACE", sop.SurfaceSegmentationStorage),
+    **_record_type_of("SURFACE SCAN", sop.SurfaceScanMeshStorage, sop.SurfaceScanPointCloudStorage),
+    **_record_type_of("TRACT", sop.TractographyResultsStorage),
+    **_record_type_of("ASSESSMENT", sop.ContentAssessmentResultsStorage),
+    # PS3.3 F.5.46: the RT Second Generation IODs
+    **_record_type_of(
+        "RADIOTHERAPY",
+        sop.RTPhysicianIntentStorage,
+        sop.RTSegmentAnnotationStorage,
+        sop.RTRadiationSetStorage,
+        sop.CArmPhotonElectronRadiationStorage,
+        sop.TomotherapeuticRadiationStorage,
+        sop.RoboticArmRadiationStorage,
+        sop.RTRadiationRecordSetStorage,
+        sop.RTRadiationSalvageRecordStorage,
+        sop.CArmPhotonElectronRadiationRecordStorage,
+        sop.TomotherapeuticRadiationRecordStorage,
+        sop.RoboticRadiationRecordStorage,
+        sop.RTRadiationSetDeliveryInstructionStorage,
+        sop.RTTreatmentPreparationStorage,
+        sop.RTPatientPositionAcquisitionInstructionStorage,
+    ),
+    # PS3.3 F.5.40: instances with Modality PLAN
+    **_record_type_of(
+        "PLAN",
+        sop.RTBeamsDeliveryInstructionStorage,
+        sop.RTBrachyApplicationSetupDeliveryInstructionStorage,
+    ),
+}
+
+IMAGE_RECORD: Final = "IMAGE"
+# A leaf of a SOP Class without a standard record type (PS3.3 F.3.2.2); dicomdir.py gives it
+# dcmdb's Private Record UID.
+PRIVATE_RECORD: Final = "PRIVATE"
+
+# The Type 1 keys of each record type (PS3.3 F.5) that dcmdb invents when the instance lacks
+# them, so that the DICOMDIR stays valid: Instance Number "1"; a missing label "UNLABELED"; a
+# date or time from the instance's other dates and times (_DATE_SOURCES, _TIME_SOURCES), else
+# from the file's modification time in UTC. Any other missing Type 1 key (a flag, a code
+# sequence, a dose summation type: facts about the content that cannot be guessed) makes the
+# record PRIVATE instead.
+_NUMBER_DATE_TIME: Final = ("InstanceNumber", "ContentDate", "ContentTime")
+_INVENTED_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "RT DOSE": ("InstanceNumber",),
+    "RT STRUCTURE SET": ("InstanceNumber", "StructureSetLabel"),
+    "RT PLAN": ("InstanceNumber", "RTPlanLabel"),
+    "RT TREAT RECORD": ("InstanceNumber",),
+    "PRESENTATION": (
+        "InstanceNumber",
+        "PresentationCreationDate",
+        "PresentationCreationTime",
+        "ContentLabel",
+    ),
+    "WAVEFORM": _NUMBER_DATE_TIME,
+    "RAW DATA": _NUMBER_DATE_TIME,
+    "SR DOCUMENT": _NUMBER_DATE_TIME,
+    "KEY OBJECT DOC": _NUMBER_DATE_TIME,
+    "SPECTROSCOPY": _NUMBER_DATE_TIME,
+    "REGISTRATION": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "FIDUCIAL": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "VALUE MAP": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "MEASUREMENT": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "SURFACE": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "TRACT": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "SURFACE SCAN": ("ContentDate", "ContentTime"),
+    "STEREOMETRIC": (*_NUMBER_DATE_TIME, "ContentLabel"),
+    "ENCAP DOC": ("InstanceNumber",),
+    "ASSESSMENT": ("InstanceNumber", "InstanceCreationDate"),
+    "RADIOTHERAPY": ("InstanceNumber",),
+}
+_DATE_SOURCES: Final = (
+    "ContentDate",
+    "InstanceCreationDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "StudyDate",
+)
+_TIME_SOURCES: Final = (
+    "ContentTime",
+    "InstanceCreationTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "StudyTime",
+)
+_INVENTED_LABEL: Final = "UNLABELED"
+_INVENTED_INSTANCE_NUMBER: Final = "1"
+
+# pydicom's STEREOMETRIC recorder writes no keys, but the record has the Content
+# Identification Macro (PS3.3 F.5; dciodvfy checks its Content Label), as FIDUCIAL's does
+_RECORDER_OF: Final = {"STEREOMETRIC": "FIDUCIAL"}
+
+# PS3.3 F.5.24, F.5.27: the record's Content Sequence holds only the root's HAS CONCEPT MOD
+# items (pydicom's recorder copies the whole content tree)
+_RECORDS_WITH_CONCEPT_MODIFIERS: Final = frozenset({"SR DOCUMENT", "KEY OBJECT DOC"})
+
+# What pydicom's recorders and writer raise for a missing, empty or undecodable key.
+_RECORD_ERRORS: Final = (
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+)
+
+
+def _directory_record(
+    ds: Dataset, values: _Values, sop_class_uid: str, sop_instance_uid: str, modified_at: float
+) -> tuple[str, bytes]:
+    """The instance's Directory Record Type and, for every type but IMAGE and PRIVATE, its
+    record keys as Explicit VR Little Endian elements (see InstanceHeader)."""
+    record_type = _DIRECTORY_RECORD_TYPES.get(sop_class_uid)
+    if record_type is None:
+        if values.present(_ROWS) or _always_has_pixels(sop_class_uid):
+            return IMAGE_RECORD, b""
+        logger.debug(
+            "SOP Class %s of %s has no standard DICOMDIR record type: listed as PRIVATE",
+            sop_class_uid,
+            sop_instance_uid,
+        )
+        return PRIVATE_RECORD, b""
+    try:
+        recorder = DIRECTORY_RECORDERS[_RECORDER_OF.get(record_type, record_type)]
+        try:
+            record = recorder(ds)
+        except ValueError:  # a Type 1 key is missing or empty
+            logger.debug(
+                "%s: inventing missing keys of its %s record", sop_instance_uid, record_type
+            )
+            record = recorder(_with_invented_keys(ds, record_type, modified_at))
+        if record_type == "SR DOCUMENT":
+            _add_verification_date_time(ds, record)
+        if record_type in _RECORDS_WITH_CONCEPT_MODIFIERS and "ContentSequence" in record:
+            modifiers = [
+                item
+                for item in record.ContentSequence
+                if item.get("RelationshipType") == "HAS CONCEPT MOD"
+            ]
+            if modifiers:
+                record.ContentSequence = modifiers
+            else:
+                del record.ContentSequence
+        if values.specific_character_set():
+            record.SpecificCharacterSet = ds.SpecificCharacterSet
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = True
+        buffer.is_implicit_VR = False
+        write_dataset(buffer, record)
+    except _RECORD_ERRORS as exc:
+        # the message may quote a value: only its type goes to the log
+        logger.info(
+            "%s (SOP Class %s) lacks a key its %s DICOMDIR record needs, or has one that "
+            "cannot be encoded (%s): listed as PRIVATE",
+            sop_instance_uid,
+            sop_class_uid,
+            record_type,
+            type(exc).__name__,
+        )
+        return PRIVATE_RECORD, b""
+    return record_type, bytes(buffer.getvalue())
+
+
+def _add_verification_date_time(ds: Dataset, record: Dataset) -> None:
+    """PS3.3 F.5.24: a VERIFIED report's record has Verification DateTime, the latest of its
+    Verifying Observer Sequence (C.17.2), where the instance keeps it; pydicom's recorder looks
+    for it at the top level only. Raises ValueError when a VERIFIED report has none."""
+    if record.get("VerificationFlag") != "VERIFIED" or "VerificationDateTime" in record:
+        return
+    times = [
+        str(observer.VerificationDateTime)
+        for observer in ds.get("VerifyingObserverSequence") or ()
+        if observer.get("VerificationDateTime")
+    ]
+    if not times:
+        raise ValueError("a VERIFIED report without a Verification DateTime")
+    record.VerificationDateTime = max(times)
+
+
+def _with_invented_keys(ds: Dataset, record_type: str, modified_at: float) -> Dataset:
+    """A copy of `ds` (sharing its elements) with the invented keys of _INVENTED_KEYS that it
+    lacks or has empty."""
+    patched = Dataset(dict(ds.items()))
+    for keyword in _INVENTED_KEYS.get(record_type, ()):
+        if keyword in patched and patched[keyword].VM:
+            continue
+        if keyword == "InstanceNumber":
+            value = _INVENTED_INSTANCE_NUMBER
+        elif keyword.endswith("Label"):
+            value = _INVENTED_LABEL
+        elif keyword.endswith("Date"):
+            value = _first_value(ds, _DATE_SOURCES) or time.strftime(
+                "%Y%m%d", time.gmtime(modified_at)
+            )
+        else:
+            value = _first_value(ds, _TIME_SOURCES) or time.strftime(
+                "%H%M%S", time.gmtime(modified_at)
+            )
+        setattr(patched, keyword, value)
+    return patched
+
+
+def _first_value(ds: Dataset, keywords: tuple[str, ...]) -> str:
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if isinstance(value, str) and value.strip(" \0"):
+            return value.strip(" \0")
+    return ""
+
+
 def _required_uid(ds: Dataset, values: _Values, tag: int) -> str:
     value = values.uid(tag)
     if value:
@@ -718,13 +1052,17 @@ def _required_uid(ds: Dataset, values: _Values, tag: int) -> str:
     )
 
 
-def _header(ds: Dataset, values: _Values, meta: _FileMeta) -> InstanceHeader:
+def _header(ds: Dataset, values: _Values, meta: _FileMeta, modified_at: float) -> InstanceHeader:
     sop_instance_uid = _required_uid(ds, values, _SOP_INSTANCE_UID)
     study_instance_uid = _required_uid(ds, values, _STUDY_INSTANCE_UID)
     series_instance_uid = _required_uid(ds, values, _SERIES_INSTANCE_UID)
+    sop_class_uid = values.uid(_SOP_CLASS_UID) or meta.media_storage_sop_class_uid
+    record_type, record_keys = _directory_record(
+        ds, values, sop_class_uid, sop_instance_uid, modified_at
+    )
     return InstanceHeader(
         sop_instance_uid=sop_instance_uid,
-        sop_class_uid=values.uid(_SOP_CLASS_UID) or meta.media_storage_sop_class_uid,
+        sop_class_uid=sop_class_uid,
         study_instance_uid=study_instance_uid,
         series_instance_uid=series_instance_uid,
         transfer_syntax_uid=meta.transfer_syntax_uid,
@@ -745,6 +1083,8 @@ def _header(ds: Dataset, values: _Values, meta: _FileMeta) -> InstanceHeader:
         columns=values.number(_COLUMNS),
         number_of_frames=values.number(_NUMBER_OF_FRAMES),
         data_set_offset=meta.end,
+        directory_record_type=record_type,
+        directory_record_keys=record_keys,
     )
 
 
@@ -803,7 +1143,7 @@ def read_instance(path: Path) -> tuple[InstanceHeader, FileIdentity]:
             _check_complete(fh, size, ds, values, meta, implicit_vr)
             if values.uid(_SOP_CLASS_UID) == _MEDIA_STORAGE_DIRECTORY:
                 raise NotAcceptedError(_DICOMDIR_REASON)
-            header = _header(ds, values, meta)
+            header = _header(ds, values, meta, stat.st_mtime)
         except OSError as exc:
             if exc.errno is not None:
                 raise

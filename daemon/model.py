@@ -77,6 +77,14 @@ class InstanceHeader:
     columns: int | None
     number_of_frames: int | None
     data_set_offset: int  # byte offset where the data set starts (after preamble + File Meta)
+    # The DICOMDIR record for this instance (PS3.3 F.5): its Directory Record Type ("IMAGE",
+    # "SR DOCUMENT", "RT DOSE", ..., or "PRIVATE" for a class with no standard record) and,
+    # for every type but IMAGE (whose only key, Instance Number, is above) and PRIVATE, the
+    # record's keys as read from the file, encoded as Explicit VR Little Endian elements in
+    # ascending tag order (with their own Specific Character Set when the text needs one), so
+    # the DICOMDIR is written without opening the file again.
+    directory_record_type: str = "IMAGE"
+    directory_record_keys: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +119,54 @@ class IngestResult:
     source: str
     outcome: Outcome
     detail: str  # archive-relative path, quarantine reason, or why it is retried
+
+
+# ---- a physician folder as its DICOMDIR describes it (PS3.10 File-set, PS3.3 F) --------------
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryInstance:
+    file_id: str  # "DICOM/P/S/SE/I" below the folder, '/'-separated (PS3.10 8.2)
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    record_type: str  # see InstanceHeader.directory_record_type
+    record_keys: bytes  # see InstanceHeader.directory_record_keys
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySeries:
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instances: tuple[DirectoryInstance, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryStudy:
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    study_description: str
+    study_id: str
+    accession_number: str
+    first_received_at: float  # to invent Study Date/Time when the instances carry none
+    series: tuple[DirectorySeries, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryPatient:
+    patient_id: str
+    patient_name: str  # decoded, all component groups
+    studies: tuple[DirectoryStudy, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileSetContents:
+    """Everything a folder's DICOMDIR lists, read from the catalog in one snapshot."""
+
+    file_set_id: str  # (0004,1130), at most 16 CS characters
+    file_set_uid: str  # the DICOMDIR's Media Storage SOP Instance UID; stable across rewrites
+    patients: tuple[DirectoryPatient, ...]

@@ -3,6 +3,7 @@ cut-short one and from something that is not an instance at all. Real files only
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -12,13 +13,17 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.fileset import DIRECTORY_RECORDERS
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
+    SegmentationStorage,
 )
 
 from daemon.dicomfile import (
@@ -28,6 +33,7 @@ from daemon.dicomfile import (
     data_set_offset,
     read_instance,
 )
+from daemon.model import InstanceHeader
 from tests.conftest import fixtures_dir, fixtures_path
 from tests.factory import SeriesSpec, make_dataset, pixel_pattern, write_dataset, write_series
 
@@ -39,6 +45,11 @@ def fixture_copy(tmp_path: Path, relative: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
+
+
+def fixture_dir_file(relative: str) -> Path:
+    """A fixture to read in place (never to write)."""
+    return fixtures_dir() / relative
 
 
 def cut(path: Path, length: int) -> Path:
@@ -710,6 +721,172 @@ def test_every_fixture_file_reads_or_is_rejected_with_a_reason(
     assert header.study_instance_uid
     assert header.series_instance_uid
     assert identity.size == path.stat().st_size
+
+
+# --- the instance's DICOMDIR record (PS3.3 F.5) ------------------------------------------
+
+
+def record_keys(header: InstanceHeader) -> Dataset:
+    """The record keys read_instance encoded, decoded again by pydicom."""
+    encoded = header.directory_record_keys
+    keys = read_dataset(io.BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
+    tags = [int(element.tag) for element in keys]
+    assert tags == sorted(tags)
+    assert all(tag >> 16 != 0x0004 for tag in tags)
+    return keys
+
+
+def test_an_image_has_an_image_record_with_no_stored_keys(tmp_path: Path) -> None:
+    header, _ = read_instance(one_file(tmp_path))
+
+    assert header.directory_record_type == "IMAGE"
+    assert header.directory_record_keys == b""
+
+
+def test_a_segmentation_is_an_image_in_the_dicomdir(tmp_path: Path) -> None:
+    header, _ = read_instance(fixture_copy(tmp_path, "pydicom_edge_cases/In/liver_1frame.dcm"))
+
+    assert header.sop_class_uid == SegmentationStorage
+    assert header.directory_record_type == "IMAGE"
+    assert header.directory_record_keys == b""
+
+
+@pytest.mark.parametrize("relative", ["test-SR.dcm", "reportsi.dcm"])
+def test_a_structured_report_has_an_sr_document_record_with_its_own_keys(
+    tmp_path: Path, relative: str
+) -> None:
+    path = fixture_copy(tmp_path, f"pydicom_edge_cases/In/{relative}")
+    source = pydicom.dcmread(path)
+
+    header, _ = read_instance(path)
+
+    assert header.directory_record_type == "SR DOCUMENT"
+    keys = record_keys(header)
+    assert keys.SpecificCharacterSet == "ISO_IR 100"  # the instance's own
+    for keyword in ("ContentDate", "ContentTime", "InstanceNumber"):
+        assert keys[keyword].value == source[keyword].value
+    assert keys.CompletionFlag == source.CompletionFlag
+    assert keys.VerificationFlag == source.VerificationFlag
+    assert keys.ConceptNameCodeSequence[0].CodeMeaning == (
+        source.ConceptNameCodeSequence[0].CodeMeaning
+    )
+    # F.5.24: only the root's HAS CONCEPT MOD items, not the whole content tree
+    assert "ContentSequence" not in keys
+    assert len(header.directory_record_keys) < 400
+
+
+def test_an_sr_keeps_the_concept_modifiers_of_its_root_in_its_record(tmp_path: Path) -> None:
+    source = pydicom.dcmread(fixture_dir_file("pydicom_edge_cases/In/test-SR.dcm"))
+    modifier = Dataset()
+    modifier.RelationshipType = "HAS CONCEPT MOD"
+    modifier.ValueType = "CODE"
+    source.ContentSequence.insert(0, modifier)
+
+    header, _ = read_instance(write(tmp_path, source))
+
+    keys = record_keys(header)
+    assert [item.RelationshipType for item in keys.ContentSequence] == ["HAS CONCEPT MOD"]
+
+
+def test_an_rt_dose_without_an_instance_number_gets_an_invented_one(tmp_path: Path) -> None:
+    path = fixture_copy(tmp_path, "pydicom_edge_cases/In/rtdose.dcm")  # Instance Number empty
+
+    header, _ = read_instance(path)
+
+    assert header.directory_record_type == "RT DOSE"
+    assert header.instance_number is None
+    keys = record_keys(header)
+    assert keys.InstanceNumber == 1
+    assert keys.DoseSummationType == "BEAM"
+    assert "SpecificCharacterSet" not in keys  # the file has none
+
+
+def test_an_rt_plan_has_an_rt_plan_record_with_its_label(tmp_path: Path) -> None:
+    path = fixture_copy(tmp_path, "pydicom_edge_cases/In/rtplan.dcm")  # implicit VR
+
+    header, _ = read_instance(path)
+
+    assert header.directory_record_type == "RT PLAN"
+    keys = record_keys(header)
+    assert keys.RTPlanLabel == "Plan1"
+    assert keys.RTPlanDate == "20030903"
+    assert keys.InstanceNumber == 1  # invented: the file has none
+
+
+def test_a_waveform_has_a_waveform_record(tmp_path: Path) -> None:
+    header, _ = read_instance(fixture_copy(tmp_path, "pydicom_edge_cases/In/waveform_ecg.dcm"))
+
+    assert header.directory_record_type == "WAVEFORM"
+    keys = record_keys(header)
+    assert (keys.ContentDate, keys.ContentTime, keys.InstanceNumber) == ("20130125", "105919", 1)
+    assert keys.SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_a_missing_content_date_and_time_come_from_the_instances_other_dates(
+    tmp_path: Path,
+) -> None:
+    source = pydicom.dcmread(fixture_dir_file("pydicom_edge_cases/In/test-SR.dcm"))
+    del source.ContentDate
+    source.ContentTime = ""
+
+    header, _ = read_instance(write(tmp_path, source))
+
+    assert header.directory_record_type == "SR DOCUMENT"
+    keys = record_keys(header)
+    assert (keys.ContentDate, keys.ContentTime) == (
+        source.InstanceCreationDate,
+        source.InstanceCreationTime,
+    )
+
+
+def test_a_missing_date_with_no_other_date_comes_from_the_files_modification_time(
+    tmp_path: Path,
+) -> None:
+    source = pydicom.dcmread(fixture_dir_file("pydicom_edge_cases/In/waveform_ecg.dcm"))
+    for keyword in ("ContentDate", "InstanceCreationDate", "StudyDate", "AcquisitionDate"):
+        if keyword in source:
+            delattr(source, keyword)
+    path = write(tmp_path, source)
+    os.utime(path, (0, 1_700_000_000))  # 2023-11-14 22:13:20 UTC
+
+    header, _ = read_instance(path)
+
+    assert record_keys(header).ContentDate == "20231114"
+
+
+def test_an_sr_without_a_completion_flag_is_listed_as_private_not_rejected(
+    tmp_path: Path,
+) -> None:
+    source = pydicom.dcmread(fixture_dir_file("pydicom_edge_cases/In/test-SR.dcm"))
+    del source.CompletionFlag  # a fact about the report that dcmdb does not invent
+
+    header, _ = read_instance(write(tmp_path, source))
+
+    assert header.directory_record_type == "PRIVATE"
+    assert header.directory_record_keys == b""
+    assert header.sop_instance_uid == source.SOPInstanceUID
+
+
+def test_an_instance_of_a_private_sop_class_without_pixels_is_listed_as_private(
+    tmp_path: Path,
+) -> None:
+    dataset = make_dataset(SeriesSpec(slices=1), 0)
+    dataset.SOPClassUID = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    for keyword in ("Rows", "Columns", "PixelData", "BitsAllocated", "BitsStored", "HighBit"):
+        delattr(dataset, keyword)
+
+    header, _ = read_instance(write(tmp_path, dataset))
+
+    assert header.directory_record_type == "PRIVATE"
+    assert header.directory_record_keys == b""
+
+
+def test_every_standard_record_type_of_the_mapping_has_a_pydicom_recorder() -> None:
+    from daemon.dicomfile import _DIRECTORY_RECORD_TYPES
+
+    assert set(_DIRECTORY_RECORD_TYPES.values()) <= set(DIRECTORY_RECORDERS)
+    assert all(UID(uid).is_valid for uid in _DIRECTORY_RECORD_TYPES)
 
 
 # --- the factory the other tests rely on -------------------------------------------------
