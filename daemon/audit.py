@@ -10,6 +10,7 @@ from typing import Any
 
 from daemon.catalog import Catalog
 from daemon.config import PathsConfig
+from daemon.dicomdir import DICOMDIR, DicomdirReadError, read_dicomdir_references
 from daemon.fsops import TEMP_PREFIX
 from daemon.ingest import is_ignored_name
 
@@ -22,12 +23,25 @@ class CheckReport:
     size_mismatch: list[str] = field(default_factory=list)  # on disk with another size
     orphans: list[str] = field(default_factory=list)  # under <folder>/DICOM/, not catalogued
     temp_files: list[str] = field(default_factory=list)  # .tmp-* left by a killed writer
+    dicomdir_missing: list[str] = field(default_factory=list)  # folders with instances
+    dicomdir_stale: list[str] = field(
+        default_factory=list
+    )  # lists other instances than the catalog
+    dicomdir_dangling: list[str] = field(default_factory=list)  # entries whose file is not there
     moves_in_flight: int = 0  # journal rows: the daemon is running, or start it to resolve them
     checked_files: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.size_mismatch or self.orphans or self.temp_files)
+        return not (
+            self.missing
+            or self.size_mismatch
+            or self.orphans
+            or self.temp_files
+            or self.dicomdir_missing
+            or self.dicomdir_stale
+            or self.dicomdir_dangling
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -53,7 +67,34 @@ def check_archive(catalog: Catalog, archive: Path) -> CheckReport:
     report.missing = sorted(expected)
     for found in (report.size_mismatch, report.orphans, report.temp_files):
         found.sort()
+    _check_dicomdirs(catalog, archive, report)
     return report
+
+
+def _check_dicomdirs(catalog: Catalog, archive: Path, report: CheckReport) -> None:
+    """Each folder's DICOMDIR must list exactly the folder's instances, all present."""
+    for folder, instances in catalog.folder_instances().items():
+        path = archive / folder / DICOMDIR
+        if not path.exists():
+            if instances:
+                report.dicomdir_missing.append(folder)
+            continue
+        try:
+            references = dict(read_dicomdir_references(path))
+        except DicomdirReadError as exc:
+            report.dicomdir_stale.append(f"{folder}: unreadable ({exc})")
+            continue
+        if references != instances:
+            listed, catalogued = set(references.items()), set(instances.items())
+            report.dicomdir_stale.append(
+                f"{folder}: {len(catalogued - listed)} instances not listed, "
+                f"{len(listed - catalogued)} listed that the catalog does not hold there"
+            )
+        report.dicomdir_dangling += [
+            f"{folder}/{file_id}"
+            for file_id in sorted(references)
+            if not (archive / folder / file_id).is_file()
+        ]
 
 
 def _walk_files(root: Path) -> list[tuple[str, int]]:

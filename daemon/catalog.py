@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
-from daemon.model import InstanceHeader
+from daemon.model import (
+    DirectoryInstance,
+    DirectoryPatient,
+    DirectorySeries,
+    DirectoryStudy,
+    FileSetContents,
+    InstanceHeader,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +39,11 @@ MIGRATIONS: tuple[str, ...] = (
         name TEXT NOT NULL UNIQUE,
         name_key TEXT NOT NULL UNIQUE,            -- case-insensitive identity (SMB clients)
         created_at REAL NOT NULL,
-        content_changed_at REAL                   -- last time instances were added or removed
+        file_set_uid TEXT NOT NULL,               -- the DICOMDIR's UID, the same for every rewrite
+        content_changed_at REAL,                  -- last time instances were added or removed
+        dirty_since REAL,                         -- first change the DICOMDIR does not show yet
+        dicomdir_content_at REAL,                 -- content_changed_at the DICOMDIR shows
+        dicomdir_written_at REAL
     );
     CREATE TABLE patients (
         id INTEGER PRIMARY KEY,
@@ -84,6 +99,8 @@ MIGRATIONS: tuple[str, ...] = (
         rows INTEGER,
         columns INTEGER,
         number_of_frames INTEGER,
+        directory_record_type TEXT NOT NULL,       -- DICOMDIR leaf record (PS3.3 F.5)
+        directory_record_keys BLOB NOT NULL,       -- its keys, Explicit VR LE, if not IMAGE
         UNIQUE (folder_id, rel_path)
     );
     CREATE INDEX instances_by_series ON instances (series_row_id);
@@ -268,8 +285,8 @@ class Catalog:
         if row:
             return row[0], row[1]
         cursor = self._db.execute(
-            "INSERT INTO folders (name, name_key, created_at) VALUES (?, ?, ?)",
-            (name, name_key, now),
+            "INSERT INTO folders (name, name_key, created_at, file_set_uid) VALUES (?, ?, ?, ?)",
+            (name, name_key, now, new_uid()),
         )
         return _lastrowid(cursor), name
 
@@ -311,7 +328,8 @@ class Catalog:
         cursor = self._db.execute(
             "INSERT INTO instances (sop_instance_uid, series_row_id, folder_id, rel_path, size,"
             " received_at, sop_class_uid, transfer_syntax_uid, instance_number, rows, columns,"
-            " number_of_frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " number_of_frames, directory_record_type, directory_record_keys)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 header.sop_instance_uid,
                 series_row_id,
@@ -325,6 +343,8 @@ class Catalog:
                 header.rows,
                 header.columns,
                 header.number_of_frames,
+                header.directory_record_type,
+                header.directory_record_keys,
             ),
         )
         instance_row_id = _lastrowid(cursor)
@@ -465,9 +485,11 @@ class Catalog:
         return self._placed[key]
 
     def mark_folders_changed(self, folder_ids: set[int], now: float) -> None:
+        """Their DICOMDIRs are out of date from now on (until rewritten)."""
         self._db.executemany(
-            "UPDATE folders SET content_changed_at = ? WHERE id = ?",
-            [(now, folder_id) for folder_id in folder_ids],
+            "UPDATE folders SET content_changed_at = ?, dirty_since = coalesce(dirty_since, ?) "
+            "WHERE id = ?",
+            [(now, now, folder_id) for folder_id in folder_ids],
         )
 
     # ---- ingest: the journal of moves in flight ------------------------------------------
@@ -584,6 +606,20 @@ class Catalog:
             folders=folders,
         )
 
+    def folder_names(self) -> list[str]:
+        return [name for (name,) in self._db.execute("SELECT name FROM folders ORDER BY name")]
+
+    def folder_instances(self) -> dict[str, dict[str, str]]:
+        """Folder name -> {File ID: SOP Instance UID} of every instance in place."""
+        folders: dict[str, dict[str, str]] = {name: {} for name in self.folder_names()}
+        for name, rel_path, uid in self._db.execute(
+            "SELECT f.name, i.rel_path, i.sop_instance_uid FROM instances i "
+            "JOIN folders f ON f.id = i.folder_id "
+            "WHERE NOT EXISTS (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
+        ):
+            folders[name][rel_path] = uid
+        return folders
+
     def moves_in_flight(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM ingest_journal").fetchone()[0])
 
@@ -595,8 +631,82 @@ class Catalog:
             "WHERE NOT EXISTS (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
         )
 
+    # ---- DICOMDIR ----------------------------------------------------------------------------
+
+    def folders_due_for_dicomdir(
+        self, now: float, delay_seconds: float, max_delay_seconds: float
+    ) -> list[str]:
+        """Folders whose DICOMDIR is behind the catalog and that have been quiet for
+        delay_seconds, or behind for max_delay_seconds during a long stream; also those that
+        never had one."""
+        rows = self._db.execute(
+            "SELECT name FROM folders WHERE dicomdir_written_at IS NULL OR ("
+            " dirty_since IS NOT NULL AND (content_changed_at <= ? OR dirty_since <= ?))"
+            " ORDER BY dirty_since",
+            (now - delay_seconds, now - max_delay_seconds),
+        )
+        return [name for (name,) in rows]
+
+    def file_set_contents(self, folder_name: str) -> tuple[FileSetContents, float | None] | None:
+        """What the folder's DICOMDIR must list, and the content_changed_at it reflects; None
+        if there is no such folder. One read transaction: a consistent snapshot while ingest
+        goes on. Instances whose move is still in flight are not listed."""
+        self._db.execute("BEGIN")
+        try:
+            folder = self._db.execute(
+                "SELECT id, file_set_uid, content_changed_at FROM folders WHERE name = ?",
+                (folder_name,),
+            ).fetchone()
+            if folder is None:
+                return None
+            folder_id, file_set_uid, content_changed_at = folder
+            rows = self._db.execute(
+                "SELECT p.id, p.patient_id, p.patient_name,"
+                " st.id, st.study_instance_uid, st.study_date, st.study_time,"
+                " st.study_description, st.study_id, st.accession_number, st.first_received_at,"
+                " se.id, se.series_instance_uid, se.modality, se.series_number,"
+                " se.series_description,"
+                " i.rel_path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid,"
+                " i.instance_number, i.directory_record_type, i.directory_record_keys"
+                " FROM instances i"
+                " JOIN series se ON se.id = i.series_row_id"
+                " JOIN studies st ON st.id = se.study_row_id"
+                " JOIN patients p ON p.id = st.patient_row_id"
+                " WHERE i.folder_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
+                " ORDER BY p.id, st.id, se.id, i.instance_number, i.id",
+                (folder_id,),
+            ).fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        return _nest(folder_name, file_set_uid, rows), content_changed_at
+
+    def mark_dicomdir_written(self, folder_name: str, content_at: float | None, now: float) -> None:
+        """The folder's DICOMDIR now shows the catalog as of content_at; it stays dirty if
+        instances arrived since."""
+        self._db.execute(
+            "UPDATE folders SET dicomdir_written_at = ?, dicomdir_content_at = ?,"
+            " dirty_since = CASE WHEN content_changed_at IS ? THEN NULL ELSE dirty_since END"
+            " WHERE name = ?",
+            (now, content_at, content_at, folder_name),
+        )
+
+    def dicomdir_states(self) -> list[tuple[str, bool, bool]]:
+        """(folder name, has instances, DICOMDIR up to date with the catalog) per folder."""
+        rows = self._db.execute(
+            "SELECT f.name, EXISTS (SELECT 1 FROM instances i WHERE i.folder_id = f.id),"
+            " f.dicomdir_written_at IS NOT NULL AND f.dirty_since IS NULL FROM folders f"
+            " ORDER BY f.name"
+        )
+        return [(name, bool(has), bool(current)) for name, has, current in rows]
+
 
 NameFn = Callable[[str, int], str]
+
+
+def new_uid() -> str:
+    """A UID under the UUID-derived root 2.25 (PS3.5 B.2): unique without a registered root."""
+    return f"2.25.{uuid.uuid4().int}"
 
 
 def _lastrowid(cursor: sqlite3.Cursor) -> int:
@@ -604,3 +714,65 @@ def _lastrowid(cursor: sqlite3.Cursor) -> int:
     if row_id is None:  # only after a statement that inserted nothing: a programming error
         raise CatalogError("INSERT returned no row id")
     return row_id
+
+
+def _nest(folder_name: str, file_set_uid: str, rows: list[tuple[Any, ...]]) -> FileSetContents:
+    """Rows ordered by patient, study, series (see file_set_contents) -> nested contents."""
+    patients: list[DirectoryPatient] = []
+    for _, patient_group in groupby(rows, key=itemgetter(0)):
+        patient_rows = list(patient_group)
+        studies: list[DirectoryStudy] = []
+        for _, study_group in groupby(patient_rows, key=itemgetter(3)):
+            study_rows = list(study_group)
+            series: list[DirectorySeries] = []
+            for _, series_group in groupby(study_rows, key=itemgetter(11)):
+                series_rows = list(series_group)
+                first = series_rows[0]
+                series.append(
+                    DirectorySeries(
+                        series_instance_uid=first[12],
+                        modality=first[13],
+                        series_number=first[14],
+                        series_description=first[15],
+                        instances=tuple(
+                            DirectoryInstance(
+                                file_id=row[16],
+                                sop_class_uid=row[17],
+                                sop_instance_uid=row[18],
+                                transfer_syntax_uid=row[19],
+                                instance_number=row[20],
+                                record_type=row[21],
+                                record_keys=row[22],
+                            )
+                            for row in series_rows
+                        ),
+                    )
+                )
+            first = study_rows[0]
+            studies.append(
+                DirectoryStudy(
+                    study_instance_uid=first[4],
+                    study_date=first[5],
+                    study_time=first[6],
+                    study_description=first[7],
+                    study_id=first[8],
+                    accession_number=first[9],
+                    first_received_at=first[10],
+                    series=tuple(series),
+                )
+            )
+        first = patient_rows[0]
+        patients.append(
+            DirectoryPatient(patient_id=first[1], patient_name=first[2], studies=tuple(studies))
+        )
+    return FileSetContents(
+        file_set_id=file_set_id_for(folder_name),
+        file_set_uid=file_set_uid,
+        patients=tuple(patients),
+    )
+
+
+def file_set_id_for(folder_name: str) -> str:
+    """(0004,1130) File-set ID: CS, at most 16 of A-Z 0-9 _ and space (PS3.5 6.2)."""
+    cleaned = "".join(c if c.isascii() and c.isalnum() else "_" for c in folder_name.upper())
+    return cleaned[:16].strip("_") or "DCMDB"

@@ -16,6 +16,7 @@ from daemon.audit import check_archive, status_report
 from daemon.catalog import Catalog, CatalogError
 from daemon.config import EX_CONFIG, Config, ConfigError, find_config_file, load_config
 from daemon.config import render_config as render_effective_config
+from daemon.dicomdir import UnknownFolderError, rewrite_due_folders, rewrite_folder
 from daemon.ingest import ParallelReader, effective_workers, ingest_paths, is_ignored_name
 from daemon.model import IngestResult, Outcome
 from daemon.service import ServiceError, open_archiver, run_daemon
@@ -79,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=_check)
+
+    dicomdir = commands.add_parser(
+        "dicomdir", help="rewrite the DICOMDIR of one physician folder, or of all, now"
+    )
+    which = dicomdir.add_mutually_exclusive_group(required=True)
+    which.add_argument("--folder", metavar="NAME", help="the physician folder's name")
+    which.add_argument("--all", action="store_true", help="every physician folder")
+    dicomdir.set_defaults(handler=_dicomdir)
 
     check_config = commands.add_parser(
         "check-config", help="validate the config and print the effective settings"
@@ -196,6 +205,11 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         ("orphans (on disk, not catalogued)", report.orphans),
         ("temporary files left behind", report.temp_files),
     ]
+    problems += [
+        ("folders without a DICOMDIR", report.dicomdir_missing),
+        ("DICOMDIR not listing exactly the folder's instances (stale)", report.dicomdir_stale),
+        ("DICOMDIR entries whose file is not there", report.dicomdir_dangling),
+    ]
     for title, paths in problems:
         if paths:
             print(f"{title}: {len(paths)}")
@@ -210,6 +224,29 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         )
     print("OK: catalog and disk agree" if report.ok else "NOT OK: see above")
     return EX_OK if report.ok else EX_FAILURE
+
+
+def _dicomdir(config: Config, args: argparse.Namespace) -> int:
+    catalog = Catalog(config.paths.state)
+    try:
+        folders = catalog.folder_names() if args.all else [args.folder]
+        for folder in folders:
+            started = time.monotonic()
+            try:
+                count = rewrite_folder(catalog, config.paths.archive, folder, now=time.time())
+            except UnknownFolderError:
+                print(
+                    f"dcmdb: no physician folder named {folder!r} in the catalog", file=sys.stderr
+                )
+                print(f"  known folders: {', '.join(catalog.folder_names()) or 'none'}")
+                return EX_FAILURE
+            print(
+                f"{folder}/DICOMDIR: {count} instances, "
+                f"written in {time.monotonic() - started:.2f} s"
+            )
+    finally:
+        catalog.close()
+    return EX_OK
 
 
 def _ingest(config: Config, args: argparse.Namespace) -> int:
@@ -228,6 +265,13 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
     finally:
         reader.shutdown()
     progress.finish()
+    catalog = Catalog(config.paths.state)
+    try:  # leave every folder it touched a valid File-set, as the daemon would
+        rewrite_due_folders(
+            catalog, config.paths.archive, config.dicomdir, now=time.time(), ignore_delay=True
+        )
+    finally:
+        catalog.close()
     print(
         f"{len(files)} files: {counts[Outcome.ARCHIVED]} archived, "
         f"{counts[Outcome.DUPLICATE]} duplicates dropped, "

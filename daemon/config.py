@@ -36,6 +36,7 @@ __all__ = [
     "SYSTEM_CONFIG_PATH",
     "Config",
     "ConfigError",
+    "DicomdirConfig",
     "IngestConfig",
     "LoggingConfig",
     "PathsConfig",
@@ -145,6 +146,12 @@ class SortingConfig:
 
 
 @dataclass(frozen=True)
+class DicomdirConfig:
+    delay_seconds: float = 60.0  # > 0: quiet time after the last new instance before a rewrite
+    max_delay_seconds: float = 600.0  # >= delay_seconds: rewrite at least this often meanwhile
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
@@ -157,12 +164,14 @@ class Config:
     ingest: IngestConfig
     sorting: SortingConfig
     logging: LoggingConfig
+    dicomdir: DicomdirConfig = field(default_factory=DicomdirConfig)
 
 
 _SECTIONS: Final = {
     "paths": PathsConfig,
     "ingest": IngestConfig,
     "sorting": SortingConfig,
+    "dicomdir": DicomdirConfig,
     "logging": LoggingConfig,
 }
 
@@ -263,10 +272,18 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
     paths = _load_paths(document, source, errors)
     ingest = _load_ingest(_optional_table(document, "ingest", errors), errors)
     sorting = _load_sorting(_optional_table(document, "sorting", errors), errors)
+    dicomdir = _load_dicomdir(_optional_table(document, "dicomdir", errors), errors)
     logging = _load_logging(_optional_table(document, "logging", errors), errors)
     if paths is None:
         return None
-    return Config(source=source, paths=paths, ingest=ingest, sorting=sorting, logging=logging)
+    return Config(
+        source=source,
+        paths=paths,
+        ingest=ingest,
+        sorting=sorting,
+        logging=logging,
+        dicomdir=dicomdir,
+    )
 
 
 def _unknown_top_level(name: str, value: object) -> str:
@@ -676,6 +693,21 @@ def _load_aliases(sorting: _Section, unknown_folder: str, max_length: int) -> _F
     return _FrozenMapping(aliases)
 
 
+def _load_dicomdir(table: Mapping[str, object], errors: list[str]) -> DicomdirConfig:
+    default = DicomdirConfig()
+    section = _Section(("dicomdir",), table, _keys(DicomdirConfig), errors)
+    delay = section.number("delay_seconds", default.delay_seconds, minimum=0, exclusive=True)
+    max_delay = section.number(
+        "max_delay_seconds", default.max_delay_seconds, minimum=0, exclusive=True
+    )
+    if max_delay < delay:
+        section.error(
+            "max_delay_seconds",
+            f"must be at least dicomdir.delay_seconds ({delay:g}), got {max_delay:g}",
+        )
+    return DicomdirConfig(delay_seconds=delay, max_delay_seconds=max_delay)
+
+
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
     default = LoggingConfig()
     section = _Section(("logging",), table, _keys(LoggingConfig), errors)
@@ -698,10 +730,13 @@ def render_config(config: Config) -> str:
         "# Effective dcmdb configuration: defaults filled in, paths resolved.",
         f"# Loaded from {_toml_string(str(config.source))}",
     ]
-    sections: dict[str, PathsConfig | IngestConfig | SortingConfig | LoggingConfig] = {
+    sections: dict[
+        str, PathsConfig | IngestConfig | SortingConfig | DicomdirConfig | LoggingConfig
+    ] = {
         "paths": config.paths,
         "ingest": config.ingest,
         "sorting": config.sorting,
+        "dicomdir": config.dicomdir,
         "logging": config.logging,
     }
     for name, section in sections.items():

@@ -1,5 +1,5 @@
-"""Wires the archive's parts into the running daemon: catalog, ingest worker, watcher;
-signals. (The scheduler for DICOMDIR, conversion and retention joins here.)"""
+"""Wires the archive's parts into the running daemon: catalog, ingest worker, watcher, and the
+scheduler (APScheduler 3) whose jobs are idempotent catch-ups over the catalog; signals."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
 from daemon.catalog import Catalog
-from daemon.config import Config, PathsConfig
+from daemon.config import Config, DicomdirConfig, PathsConfig
+from daemon.dicomdir import rewrite_due_folders
 from daemon.ingest import Archiver, IngestWorker, ParallelReader, effective_workers
 from daemon.watcher import IncomingWatcher
 
@@ -57,6 +61,58 @@ def open_archiver(config: Config, *, keep_source: bool = False) -> Iterator[Arch
         catalog.close()
 
 
+def start_scheduler(config: Config) -> BackgroundScheduler:
+    """The scheduled jobs. Each is a catch-up over the catalog, so a run missed while the
+    daemon was down costs nothing: the first run, at start-up, does the work."""
+    scheduler = BackgroundScheduler(
+        timezone=UTC,
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+    )
+    scheduler.add_job(
+        _dicomdir_job,
+        "interval",
+        seconds=_dicomdir_check_interval(config.dicomdir),
+        args=[config, _FirstRun()],
+        id="dicomdir",
+        name="rewrite DICOMDIRs of changed folders",
+        next_run_time=datetime.now(UTC),
+    )
+    scheduler.start()
+    return scheduler
+
+
+def _dicomdir_check_interval(settings: DicomdirConfig) -> float:
+    # Often enough to keep within the delay, rarely enough to cost nothing: the check is one
+    # indexed query.
+    return max(0.2, min(settings.delay_seconds / 4, 5.0))
+
+
+class _FirstRun:
+    """True once: at start-up, folders left dirty by the last run are rewritten at once (the
+    stream that made them dirty has stopped with the daemon)."""
+
+    def __init__(self) -> None:
+        self._first = True
+
+    def __call__(self) -> bool:
+        first, self._first = self._first, False
+        return first
+
+
+def _dicomdir_job(config: Config, first_run: _FirstRun) -> None:
+    catalog = Catalog(config.paths.state)  # one connection per job run: jobs run in threads
+    try:
+        rewrite_due_folders(
+            catalog,
+            config.paths.archive,
+            config.dicomdir,
+            now=time.time(),
+            ignore_delay=first_run(),
+        )
+    finally:
+        catalog.close()
+
+
 @dataclass
 class _StopRequest:
     event: threading.Event
@@ -80,6 +136,7 @@ def run_daemon(config: Config) -> int:
         watcher = IncomingWatcher(config.paths.incoming, worker.offer, config.ingest)
         worker.start()
         watcher.start()
+        scheduler = start_scheduler(config)
         logger.info(
             "dcmdb running: incoming %s (%s), archive %s, config %s",
             config.paths.incoming,
@@ -90,7 +147,7 @@ def run_daemon(config: Config) -> int:
         exit_code = 0
         last_report = time.monotonic()
         while not stop.event.wait(1.0):
-            if not worker.is_alive() or not watcher.is_alive():
+            if not worker.is_alive() or not watcher.is_alive() or not scheduler.running:
                 logger.error("a daemon thread died; exiting so that systemd restarts dcmdb")
                 exit_code = 1
                 break
@@ -107,5 +164,6 @@ def run_daemon(config: Config) -> int:
         worker.stop()
         worker.join(timeout=60.0)
         reader.shutdown()
+        scheduler.shutdown(wait=True)
     logger.info("dcmdb stopped")
     return exit_code

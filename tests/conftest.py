@@ -104,7 +104,8 @@ class Volume:
         return sorted(p for p in self.incoming.rglob("*") if p.is_file())
 
     def archived_files(self) -> list[Path]:
-        return sorted(p for p in self.archive.rglob("*") if p.is_file())
+        """The instances in the archive (not the DICOMDIRs beside them)."""
+        return sorted(p for p in self.archive.glob("*/DICOM/**/*") if p.is_file())
 
     def quarantined_files(self) -> list[Path]:
         return sorted(
@@ -130,6 +131,7 @@ def write_config(root: Path, **sections: dict[str, object]) -> Path:
             "empty_folder_grace_seconds": 1.0,
             "parse_workers": 2,
         },
+        "dicomdir": {"delay_seconds": 0.5, "max_delay_seconds": 2.0},
     }
     for section, values in sections.items():
         settings.setdefault(section, {}).update(values)
@@ -168,6 +170,11 @@ def volume(tmp_path: Path) -> Volume:
     for name in ("incoming", "archive", "quarantine", "state"):
         (root / name).mkdir()
     return Volume(root, write_config(root))
+
+
+def check_is_clean(volume: Volume) -> bool:
+    """`dcmdb check` exits 0: catalog, disk and every DICOMDIR agree."""
+    return dcmdb(volume, "check").returncode == 0
 
 
 def dcmdb(volume: Volume, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

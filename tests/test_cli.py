@@ -73,7 +73,7 @@ def test_status_json_reports_counts_disk_and_folders(volume: Volume, tmp_path: P
     assert status["disk"]["free_bytes"] > 0
     folder = status["folders"]["Smith_John"]
     assert folder["instances"] == 4
-    archived = sorted((volume.archive / "Smith_John").rglob("*"))
+    archived = sorted((volume.archive / "Smith_John" / "DICOM").rglob("*"))
     assert folder["bytes"] == sum(p.stat().st_size for p in archived if p.is_file())
     text = dcmdb(volume, "status")
     assert "Smith_John" in text.stdout
@@ -88,7 +88,9 @@ def test_check_finds_missing_files_orphans_size_changes_and_temp_files(
     assert clean.returncode == 0, clean.stdout
     assert json.loads(clean.stdout)["checked_files"] == 4
 
-    first, second, third, _fourth = sorted(p for p in volume.archive.rglob("*") if p.is_file())
+    first, second, third, _fourth = sorted(
+        p for p in (volume.archive / "Smith_John" / "DICOM").rglob("*") if p.is_file()
+    )
     first.unlink()
     with open(second, "ab") as out:
         out.write(b"\0\0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import (
     Daemon,
     Volume,
+    check_is_clean,
     dcmdb,
     drop_into,
     fixtures_dir,
@@ -77,8 +79,7 @@ def test_a_generated_set_dropped_while_running_ends_up_sorted_and_catalogued(
         assert rows == [(folder, relative.relative_to(folder).as_posix())]
     assert volume.count("studies") == 6
     assert volume.count("series") == 12
-    check = dcmdb(volume, "check")
-    assert check.returncode == 0, check.stdout + check.stderr
+    wait_for(lambda: check_is_clean(volume), what="dcmdb check to pass (DICOMDIRs written)")
 
 
 def _patient_incomplete_timeout(volume: Volume) -> None:
@@ -240,8 +241,7 @@ def test_sigkill_during_a_large_ingest_then_restart_archives_every_file_exactly_
     assert {_sop_uid(p) for p in archived} == expected_uids
     assert volume.count("ingest_journal") == 0
     assert not volume.quarantined_files()
-    check = dcmdb(volume, "check")
-    assert check.returncode == 0, check.stdout + check.stderr
+    wait_for(lambda: check_is_clean(volume), what="dcmdb check to pass (DICOMDIRs written)")
 
 
 def test_sigterm_during_a_burst_finishes_the_files_in_hand_and_exits_0_within_seconds(
@@ -263,8 +263,10 @@ def test_sigterm_during_a_burst_finishes_the_files_in_hand_and_exits_0_within_se
     assert volume.count("ingest_journal") == 0
     left = len(volume.incoming_files())
     assert volume.count("instances") + left == len(staged)
-    check = dcmdb(volume, "check")
-    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(dcmdb(volume, "check", "--json").stdout)
+    # Nothing lost or half-written; the DICOMDIR may lag: the next start-up rewrites it.
+    assert report["missing"] == report["orphans"] == report["temp_files"] == []
+    assert report["size_mismatch"] == report["dicomdir_dangling"] == []
     assert "SIGTERM received" in daemon.log()
 
 
