@@ -12,8 +12,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -660,26 +658,45 @@ class Catalog:
             if folder is None:
                 return None
             folder_id, file_set_uid, content_changed_at = folder
-            rows = self._db.execute(
-                "SELECT p.id, p.patient_id, p.patient_name,"
-                " st.id, st.study_instance_uid, st.study_date, st.study_time,"
-                " st.study_description, st.study_id, st.accession_number, st.first_received_at,"
-                " se.id, se.series_instance_uid, se.modality, se.series_number,"
-                " se.series_description,"
-                " i.rel_path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid,"
-                " i.instance_number, i.directory_record_type, i.directory_record_keys"
-                " FROM instances i"
-                " JOIN series se ON se.id = i.series_row_id"
-                " JOIN studies st ON st.id = se.study_row_id"
-                " JOIN patients p ON p.id = st.patient_row_id"
-                " WHERE i.folder_id = ? AND NOT EXISTS"
-                " (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
-                " ORDER BY p.id, st.id, se.id, i.instance_number, i.id",
+            # Instances alone, narrow rows: this is the one query that scales with the folder.
+            instances = self._db.execute(
+                "SELECT series_row_id, rel_path, sop_class_uid, sop_instance_uid,"
+                " transfer_syntax_uid, instance_number, directory_record_type,"
+                " directory_record_keys, id FROM instances WHERE folder_id = ?",
+                (folder_id,),
+            ).fetchall()
+            in_flight = {
+                row_id
+                for (row_id,) in self._db.execute("SELECT instance_row_id FROM ingest_journal")
+            }
+            series = self._db.execute(
+                "SELECT se.id, se.study_row_id, se.series_instance_uid, se.modality,"
+                " se.series_number, se.series_description FROM series se"
+                " JOIN studies st ON st.id = se.study_row_id WHERE st.folder_id = ?"
+                " ORDER BY se.id",
+                (folder_id,),
+            ).fetchall()
+            studies = self._db.execute(
+                "SELECT id, patient_row_id, study_instance_uid, study_date, study_time,"
+                " study_description, study_id, accession_number, first_received_at"
+                " FROM studies WHERE folder_id = ? ORDER BY id",
+                (folder_id,),
+            ).fetchall()
+            patients = self._db.execute(
+                "SELECT id, patient_id, patient_name FROM patients WHERE folder_id = ? ORDER BY id",
                 (folder_id,),
             ).fetchall()
         finally:
             self._db.execute("COMMIT")
-        return _nest(folder_name, file_set_uid, rows), content_changed_at
+        contents = _nest(
+            folder_name,
+            file_set_uid,
+            patients,
+            studies,
+            series,
+            [row for row in instances if row[8] not in in_flight],
+        )
+        return contents, content_changed_at
 
     def mark_dicomdir_written(self, folder_name: str, content_at: float | None, now: float) -> None:
         """The folder's DICOMDIR now shows the catalog as of content_at; it stays dirty if
@@ -716,59 +733,50 @@ def _lastrowid(cursor: sqlite3.Cursor) -> int:
     return row_id
 
 
-def _nest(folder_name: str, file_set_uid: str, rows: list[tuple[Any, ...]]) -> FileSetContents:
-    """Rows ordered by patient, study, series (see file_set_contents) -> nested contents."""
-    patients: list[DirectoryPatient] = []
-    for _, patient_group in groupby(rows, key=itemgetter(0)):
-        patient_rows = list(patient_group)
-        studies: list[DirectoryStudy] = []
-        for _, study_group in groupby(patient_rows, key=itemgetter(3)):
-            study_rows = list(study_group)
-            series: list[DirectorySeries] = []
-            for _, series_group in groupby(study_rows, key=itemgetter(11)):
-                series_rows = list(series_group)
-                first = series_rows[0]
-                series.append(
-                    DirectorySeries(
-                        series_instance_uid=first[12],
-                        modality=first[13],
-                        series_number=first[14],
-                        series_description=first[15],
-                        instances=tuple(
-                            DirectoryInstance(
-                                file_id=row[16],
-                                sop_class_uid=row[17],
-                                sop_instance_uid=row[18],
-                                transfer_syntax_uid=row[19],
-                                instance_number=row[20],
-                                record_type=row[21],
-                                record_keys=row[22],
-                            )
-                            for row in series_rows
-                        ),
-                    )
-                )
-            first = study_rows[0]
-            studies.append(
+def _nest(
+    folder_name: str,
+    file_set_uid: str,
+    patients: list[tuple[Any, ...]],
+    studies: list[tuple[Any, ...]],
+    series: list[tuple[Any, ...]],
+    instances: list[tuple[Any, ...]],
+) -> FileSetContents:
+    """Rows of one folder (see file_set_contents) -> the nested contents, in catalog order;
+    instances by Instance Number (unnumbered last), then arrival. Empty levels are left out."""
+    by_series: dict[int, list[DirectoryInstance]] = {}
+    instances.sort(key=lambda row: (row[5] is None, row[5] or 0, row[8]))
+    for row in instances:
+        by_series.setdefault(row[0], []).append(DirectoryInstance._make(row[1:8]))
+    by_study: dict[int, list[DirectorySeries]] = {}
+    for row_id, study_row_id, uid, modality, number, description in series:
+        if row_id in by_series:
+            by_study.setdefault(study_row_id, []).append(
+                DirectorySeries(uid, modality, number, description, tuple(by_series[row_id]))
+            )
+    by_patient: dict[int, list[DirectoryStudy]] = {}
+    for row_id, patient_row_id, *values in studies:
+        if row_id in by_study:
+            uid, date, time_, description, study_id, accession, first_received_at = values
+            by_patient.setdefault(patient_row_id, []).append(
                 DirectoryStudy(
-                    study_instance_uid=first[4],
-                    study_date=first[5],
-                    study_time=first[6],
-                    study_description=first[7],
-                    study_id=first[8],
-                    accession_number=first[9],
-                    first_received_at=first[10],
-                    series=tuple(series),
+                    uid,
+                    date,
+                    time_,
+                    description,
+                    study_id,
+                    accession,
+                    first_received_at,
+                    tuple(by_study[row_id]),
                 )
             )
-        first = patient_rows[0]
-        patients.append(
-            DirectoryPatient(patient_id=first[1], patient_name=first[2], studies=tuple(studies))
-        )
     return FileSetContents(
         file_set_id=file_set_id_for(folder_name),
         file_set_uid=file_set_uid,
-        patients=tuple(patients),
+        patients=tuple(
+            DirectoryPatient(patient_id, patient_name, studies=tuple(by_patient[row_id]))
+            for row_id, patient_id, patient_name in patients
+            if row_id in by_patient
+        ),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Final, NamedTuple
 
 # Windows device names: reserved in any case, also before an extension ("nul.txt"); COM0/LPT0
 # and the superscript digits per Microsoft's "Naming Files, Paths, and Namespaces", CONIN$ and
@@ -124,8 +124,9 @@ class IngestResult:
 # ---- a physician folder as its DICOMDIR describes it (PS3.10 File-set, PS3.3 F) --------------
 
 
-@dataclass(frozen=True, slots=True)
-class DirectoryInstance:
+class DirectoryInstance(NamedTuple):
+    """A tuple, not a dataclass: a folder's DICOMDIR lists 100,000 of these, built from rows."""
+
     file_id: str  # "DICOM/P/S/SE/I" below the folder, '/'-separated (PS3.10 8.2)
     sop_class_uid: str
     sop_instance_uid: str
