@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from bench import ingest
+from bench import dicomdir, ingest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--instances", type=int, default=20_000, help="ingest: files dropped")
     parser.add_argument("--trickle", type=int, default=500, help="ingest: files at 50/s")
+    parser.add_argument(
+        "--dicomdir-instances", type=int, default=100_000, help="dicomdir: folder size"
+    )
+    parser.add_argument("--only", choices=["ingest", "dicomdir"], help="run one benchmark")
     args = parser.parse_args()
-    ingest.run(instances=args.instances, trickle=args.trickle)
+    if args.only in (None, "ingest"):
+        ingest.run(instances=args.instances, trickle=args.trickle)
+    if args.only in (None, "dicomdir"):
+        dicomdir.run(instances=args.dicomdir_instances)
 
 
 if __name__ == "__main__":
