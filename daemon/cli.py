@@ -141,6 +141,8 @@ def _setup_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
     # watchdog logs every event at debug level: far too much even for debugging dcmdb.
     logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
+    # APScheduler logs two lines per job run at info level; dcmdb's jobs log what they do.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
 
 
 # ---- commands --------------------------------------------------------------------------

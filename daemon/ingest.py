@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import stat
 import threading
 import time
@@ -91,7 +92,8 @@ def read_files(paths: list[str]) -> list[FileRead]:
 
 
 class ParallelReader:
-    """Reads headers in worker processes. `spawn`, not fork: the daemon has threads."""
+    """Reads headers in worker processes. `spawn`, not fork: the daemon has threads. Create it
+    in the main thread (it sets signal dispositions while the processes start)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
@@ -99,9 +101,22 @@ class ParallelReader:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
         )
         # The executor spawns a process only when no worker is idle, and counts idle workers
-        # loosely: under a steady stream it would keep running on one. Start them all now.
-        for started in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
-            started.result()
+        # loosely: under a steady stream it would keep running on one. Start them all now,
+        # with Ctrl-C and SIGTERM ignored: an ignored signal stays ignored across exec, and
+        # Python then installs no handler, so a signal to the whole process group (a terminal,
+        # systemd) is left to the daemon, which finishes the batch in hand with the readers'
+        # help and then shuts them down.
+        previous = {
+            signum: signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        for future in started:
+            future.result()
 
     def submit(self, paths: list[str]) -> Future[list[FileRead]]:
         return self._pool.submit(read_files, paths)

@@ -199,6 +199,7 @@ class Daemon:
             [sys.executable, "-m", "daemon.cli", "--config", str(volume.config), "run"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as under a terminal or systemd
         )
         wait_for(
             lambda: "dcmdb running" in self.log() or self.process.poll() is not None,

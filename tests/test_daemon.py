@@ -270,6 +270,19 @@ def test_sigterm_during_a_burst_finishes_the_files_in_hand_and_exits_0_within_se
     assert "SIGTERM received" in daemon.log()
 
 
+def test_ctrl_c_to_the_whole_process_group_stops_the_daemon_cleanly(
+    volume: Volume, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    files = write_series(tmp_path, SeriesSpec(slices=3))
+    daemon = start_daemon()
+    drop_into(volume.incoming, files)
+    wait_for(_catalogued(volume, 3), what="the files to be catalogued")
+    os.killpg(daemon.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    assert daemon.process.wait(30) == 0
+    assert "Traceback" not in daemon.log()  # the reader processes leave stopping to the daemon
+    assert "dcmdb stopped" in daemon.log()
+
+
 @pytest.mark.parametrize("observer", ["polling"])
 def test_the_polling_observer_for_network_mounts_also_ingests(
     volume: Volume, tmp_path: Path, observer: str
