@@ -923,16 +923,25 @@ _RECORDER_OF: Final = {"STEREOMETRIC": "FIDUCIAL"}
 # items (pydicom's recorder copies the whole content tree)
 _RECORDS_WITH_CONCEPT_MODIFIERS: Final = frozenset({"SR DOCUMENT", "KEY OBJECT DOC"})
 
-# What pydicom's recorders and writer raise for a missing, empty or undecodable key.
-_RECORD_ERRORS: Final = (
+# pydicom signals a broken file with these (its OSError "No tag to read at file position"
+# has no errno, unlike a real I/O error).
+_PARSE_ERRORS: Final = (
+    InvalidDicomError,
+    EOFError,
+    struct.error,
+    zlib.error,
     ValueError,
     TypeError,
     LookupError,
     AttributeError,
     NotImplementedError,
     OverflowError,
-    struct.error,
+    RecursionError,
 )
+
+# What pydicom's recorders and writer raise for a missing, empty or undecodable key: the
+# same as for a broken file.
+_RECORD_ERRORS: Final = _PARSE_ERRORS
 
 
 def _directory_record(
@@ -1086,23 +1095,6 @@ def _header(ds: Dataset, values: _Values, meta: _FileMeta, modified_at: float) -
         directory_record_type=record_type,
         directory_record_keys=record_keys,
     )
-
-
-# pydicom signals a broken file with these (its OSError "No tag to read at file position"
-# has no errno, unlike a real I/O error).
-_PARSE_ERRORS: Final = (
-    InvalidDicomError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    ValueError,
-    TypeError,
-    LookupError,
-    AttributeError,
-    NotImplementedError,
-    OverflowError,
-    RecursionError,
-)
 
 
 _DICOMDIR_REASON: Final = (
