@@ -40,7 +40,6 @@ MIGRATIONS: tuple[str, ...] = (
         file_set_uid TEXT NOT NULL,               -- the DICOMDIR's UID, the same for every rewrite
         content_changed_at REAL,                  -- last time instances were added or removed
         dirty_since REAL,                         -- first change the DICOMDIR does not show yet
-        dicomdir_content_at REAL,                 -- content_changed_at the DICOMDIR shows
         dicomdir_written_at REAL
     );
     CREATE TABLE patients (
@@ -371,18 +370,16 @@ class Catalog:
         # A patient is (ID, name) within a folder: anonymised data often shares an empty or
         # constant Patient ID, and merging two people into one DICOMDIR record is worse than
         # listing one person twice.
-        key = (folder_id, header.patient_id, header.patient_name)
-        cached = self._placed.get(("patient", key))
-        if cached:
-            return cached
-        row = self._db.execute(
+        values = (folder_id, header.patient_id, header.patient_name)
+        key = ("patient", values)
+        placed = self._placed_row(
+            key,
             "SELECT id, dir_name FROM patients "
             "WHERE folder_id = ? AND patient_id = ? AND patient_name = ?",
-            key,
-        ).fetchone()
-        if row:
-            self._placed["patient", key] = row[0], row[1]
-            return row[0], row[1]
+            values,
+        )
+        if placed is not None:
+            return placed
         name = self._free_dir_name(
             "patients",
             "folder_id",
@@ -393,10 +390,22 @@ class Catalog:
         cursor = self._db.execute(
             "INSERT INTO patients (folder_id, patient_id, patient_name, dir_name) "
             "VALUES (?, ?, ?, ?)",
-            (*key, name),
+            (*values, name),
         )
-        self._placed["patient", key] = _lastrowid(cursor), name
-        return self._placed["patient", key]
+        self._placed[key] = _lastrowid(cursor), name
+        return self._placed[key]
+
+    def _placed_row(
+        self, key: tuple[str, object], sql: str, params: tuple[object, ...]
+    ) -> tuple[int, str] | None:
+        """(row id, dir name) of a patient, study or series: from this transaction's cache,
+        else from the catalog (then cached); None if it is new."""
+        placed = self._placed.get(key)
+        if placed is None:
+            row = self._db.execute(sql, params).fetchone()
+            if row:
+                placed = self._placed[key] = row[0], row[1]
+        return placed
 
     def _study(
         self,
@@ -407,14 +416,11 @@ class Catalog:
         dir_name: NameFn,
     ) -> tuple[int, str]:
         key = ("study", header.study_instance_uid)
-        placed = self._placed.get(key)
-        if placed is None:
-            row = self._db.execute(
-                "SELECT id, dir_name FROM studies WHERE study_instance_uid = ?",
-                (header.study_instance_uid,),
-            ).fetchone()
-            if row:
-                placed = self._placed[key] = row[0], row[1]
+        placed = self._placed_row(
+            key,
+            "SELECT id, dir_name FROM studies WHERE study_instance_uid = ?",
+            (header.study_instance_uid,),
+        )
         if placed is not None:
             self._note_received("studies", placed[0], received_at)
             return placed
@@ -449,15 +455,11 @@ class Catalog:
         self, header: InstanceHeader, study_row_id: int, received_at: float, dir_name: NameFn
     ) -> tuple[int, str]:
         key = ("series", (study_row_id, header.series_instance_uid))
-        placed = self._placed.get(key)
-        if placed is None:
-            row = self._db.execute(
-                "SELECT id, dir_name FROM series WHERE study_row_id = ? "
-                "AND series_instance_uid = ?",
-                (study_row_id, header.series_instance_uid),
-            ).fetchone()
-            if row:
-                placed = self._placed[key] = row[0], row[1]
+        placed = self._placed_row(
+            key,
+            "SELECT id, dir_name FROM series WHERE study_row_id = ? AND series_instance_uid = ?",
+            (study_row_id, header.series_instance_uid),
+        )
         if placed is not None:
             self._note_received("series", placed[0], received_at)
             return placed
@@ -702,20 +704,11 @@ class Catalog:
         """The folder's DICOMDIR now shows the catalog as of content_at; it stays dirty if
         instances arrived since."""
         self._db.execute(
-            "UPDATE folders SET dicomdir_written_at = ?, dicomdir_content_at = ?,"
+            "UPDATE folders SET dicomdir_written_at = ?,"
             " dirty_since = CASE WHEN content_changed_at IS ? THEN NULL ELSE dirty_since END"
             " WHERE name = ?",
-            (now, content_at, content_at, folder_name),
+            (now, content_at, folder_name),
         )
-
-    def dicomdir_states(self) -> list[tuple[str, bool, bool]]:
-        """(folder name, has instances, DICOMDIR up to date with the catalog) per folder."""
-        rows = self._db.execute(
-            "SELECT f.name, EXISTS (SELECT 1 FROM instances i WHERE i.folder_id = f.id),"
-            " f.dicomdir_written_at IS NOT NULL AND f.dirty_since IS NULL FROM folders f"
-            " ORDER BY f.name"
-        )
-        return [(name, bool(has), bool(current)) for name, has, current in rows]
 
 
 NameFn = Callable[[str, int], str]
