@@ -24,14 +24,6 @@ def temp_name_for(target: StrPath) -> Path:
     return target.with_name(f"{TEMP_PREFIX}{target.name}-{os.getpid()}")
 
 
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomically(target: Path, data: bytes) -> None:
     """Replace target with data; readers see the old file or the new one, never a part."""
     temp = temp_name_for(target)

@@ -611,7 +611,6 @@ class IngestWorker(threading.Thread):
         self._in_flight = 0
         self._max_in_flight = reader.workers * 2
         self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
-        self.last_error: str = ""
 
     # Called from other threads: only enqueue.
     def offer(self, path: str, hint: Hint) -> None:
@@ -712,8 +711,7 @@ class IngestWorker(threading.Thread):
         now = self._monotonic()
         try:
             results = self._archiver.file_batch(batch)
-        except Exception as exc:  # the batch is the failure boundary: its files stay put
-            self.last_error = f"{type(exc).__name__}: {exc}"
+        except Exception:  # the batch is the failure boundary: its files stay put
             logger.exception(
                 "filing a batch of %d files failed; they stay in incoming and are retried in 30 s",
                 len(batch),

@@ -24,7 +24,6 @@ __all__ = [
     "alias_lookup",
     "file_id_component",
     "folder_key",
-    "instance_file_id",
     "physician_folder_name",
 ]
 
@@ -221,25 +220,3 @@ def file_id_component(uid: str, attempt: int = 0) -> str:
     # PS3.10 8.2: 8 characters, all of them in A-Z 0-9 (base32 uses A-Z and 2-7). Five bytes
     # are exactly eight base32 characters: the same as cutting the full encoding, but cheaper.
     return base64.b32encode(digest[:5]).decode("ascii")
-
-
-def instance_file_id(patient_dir: str, study_dir: str, series_dir: str, instance_file: str) -> str:
-    """The File ID of an instance below its physician folder: "DICOM/<P>/<S>/<SE>/<I>".
-
-    '/'-separated (the DICOMDIR writer converts to its backslash form, PS3.10 8.2). Raises
-    ValueError naming the first component that is not 1-8 characters of A-Z 0-9 '_'.
-    """
-    named = (
-        ("patient_dir", patient_dir),
-        ("study_dir", study_dir),
-        ("series_dir", series_dir),
-        ("instance_file", instance_file),
-    )
-    for label, component in named:
-        if not FILE_ID_COMPONENT.fullmatch(component):
-            raise ValueError(
-                f"{label} {component!r} is not a PS3.10 File ID component "
-                "(1-8 characters of A-Z, 0-9 and '_')"
-            )
-    # PS3.10 8.2 allows at most 8 components in a File ID; this one always has 5.
-    return "/".join(("DICOM", *(component for _, component in named)))

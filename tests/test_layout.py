@@ -18,7 +18,6 @@ from daemon.layout import (
     alias_lookup,
     file_id_component,
     folder_key,
-    instance_file_id,
     physician_folder_name,
 )
 from daemon.model import person_name_key
@@ -392,7 +391,7 @@ def test_alias_folder_is_kept_as_the_admin_wrote_it() -> None:
     assert alias_lookup({folder: ["Smith^John"]}) == {"smith^john": folder}
 
 
-# file_id_component and instance_file_id
+# file_id_component
 
 
 def test_file_id_component_is_eight_valid_characters() -> None:
@@ -447,41 +446,3 @@ def test_file_id_component_has_no_collision_among_ten_thousand_uids() -> None:
 def test_file_id_component_rejects_a_negative_attempt() -> None:
     with pytest.raises(ValueError, match="attempt"):
         file_id_component("1.2.3", -1)
-
-
-def test_instance_file_id_joins_five_components_with_slashes() -> None:
-    file_id = instance_file_id("P0000001", "S_1", "ABCDEFGH", "I2")
-
-    assert file_id == "DICOM/P0000001/S_1/ABCDEFGH/I2"
-    parts = file_id.split("/")
-    assert len(parts) <= 8  # PS3.10 8.2
-    assert all(FILE_ID_COMPONENT.fullmatch(part) for part in parts)
-
-
-def test_instance_file_id_accepts_file_id_components() -> None:
-    names = [file_id_component(uid) for uid in ("p", "s", "se", "i")]
-
-    assert instance_file_id(*names) == "DICOM/" + "/".join(names)
-
-
-@pytest.mark.parametrize(
-    ("position", "bad"),
-    [
-        (0, ""),
-        (1, "abc"),
-        (2, "TOOLONG12"),
-        (3, "A/B"),
-        (0, "A.B"),
-        (1, ".."),
-        (2, "ÄB"),
-        (3, "A B"),
-        (0, "ABC\n"),
-    ],
-)
-def test_instance_file_id_rejects_a_bad_component_and_names_it(position: int, bad: str) -> None:
-    labels = ["patient_dir", "study_dir", "series_dir", "instance_file"]
-    components = ["P", "S", "SE", "I"]
-    components[position] = bad
-
-    with pytest.raises(ValueError, match=labels[position]):
-        instance_file_id(*components)
