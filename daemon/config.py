@@ -9,8 +9,9 @@ sorting settings as given. So whatever :func:`load_config` accepts must work the
 below follow layout's (a folder name any SMB client can open) and model's (when two Referring
 Physician spellings are one person: :func:`daemon.model.person_name_key`).
 
-This module imports the standard library and ``daemon.model`` (itself stdlib only): it runs
-before anything else is set up.
+This module imports the standard library, ``daemon.model`` (itself stdlib only) and, for the
+``[convert]`` schedule, APScheduler's cron parser and tzlocal: it runs before anything else is
+set up.
 """
 
 from __future__ import annotations
@@ -19,23 +20,36 @@ import difflib
 import math
 import os
 import re
+import shutil
 import string
 import tomllib
 import unicodedata
+import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date, datetime, time
+from datetime import tzinfo as TzInfo
+from fractions import Fraction
 from pathlib import Path
 from typing import Final
+
+import tzlocal  # the server's local time zone, DST-aware; APScheduler 3 depends on it
+
+# convert.schedule is checked with the parser the daemon schedules with, so that the daemon and
+# the check agree on what is valid.
+from apscheduler.triggers.cron import CronTrigger
 
 from daemon.model import NAME_MAX_BYTES, WINDOWS_DEVICE_NAMES, fold_case, person_name_key
 
 __all__ = [
     "ENV_VAR",
     "EX_CONFIG",
+    "SERIES_TEMPLATE_FIELDS",
+    "STUDY_TEMPLATE_FIELDS",
     "SYSTEM_CONFIG_PATH",
     "Config",
     "ConfigError",
+    "ConvertConfig",
     "DicomdirConfig",
     "IngestConfig",
     "LoggingConfig",
@@ -43,6 +57,7 @@ __all__ = [
     "SortingConfig",
     "find_config_file",
     "load_config",
+    "parse_size",
     "render_config",
 ]
 
@@ -57,6 +72,53 @@ LOG_FORMATS: Final = ("text", "json")
 PN_COMPONENTS: Final = ("family", "given", "middle", "prefix", "suffix")
 # Characters Windows clients cannot use in a name on the SMB share, plus the path separators.
 FORBIDDEN_FOLDER_CHARS: Final = '/\\:*?"<>|'
+CONVERT_ENGINES: Final = ("dcm2niix", "dicom2nifti")
+# The fields convert.study_template and convert.series_template may use, in the order error
+# messages list them. SeriesNumber is an int (so "{SeriesNumber:03d}" works); the others are str.
+_STUDY_FIELDS: Final = (
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "StudyID",
+    "AccessionNumber",
+)
+_SERIES_FIELDS: Final = (*_STUDY_FIELDS, "SeriesNumber", "SeriesDescription", "Modality")
+STUDY_TEMPLATE_FIELDS: Final = frozenset(_STUDY_FIELDS)
+SERIES_TEMPLATE_FIELDS: Final = frozenset(_SERIES_FIELDS)
+# What a template is test-filled with: a format spec that fails on these fails on real data.
+_TEMPLATE_SAMPLE: Final[Mapping[str, str | int]] = {
+    "PatientID": "P0042",
+    "PatientName": "DOE^JANE",
+    "StudyDate": "20240131",
+    "StudyTime": "093000",
+    "StudyDescription": "Brain MRI",
+    "StudyID": "1",
+    "AccessionNumber": "A12345",
+    "SeriesNumber": 3,
+    "SeriesDescription": "T1 MPRAGE",
+    "Modality": "MR",
+}
+# A conversion process (Python, numpy, pydicom) does not start with less address space.
+MIN_MEMORY_LIMIT_BYTES: Final = 256 * 1024**2
+# setrlimit takes a signed 64-bit limit.
+_MAX_MEMORY_LIMIT_BYTES: Final = 2**63 - 1
+_NOT_ZONE_NAMES: Final = frozenset({"localtime", "posixrules", "Factory"})
+_SIZE_UNITS: Final = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_UNIT_NAMES: Final = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
+_SIZE_EXAMPLES: Final = '"4GiB", "512 MiB", "1.5GB", "1000000" (bytes) or "unlimited"'
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z]*)")
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_ERROR_POSITION = re.compile(
@@ -158,6 +220,40 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ConvertConfig:
+    enabled: bool = True  # the scheduled conversion job runs
+    engine: str = "dcm2niix"  # or "dicom2nifti"
+    schedule: str = "0 5 * * *"  # crontab: minute hour day month weekday (weekdays by name)
+    timezone: str = ""  # IANA name of the schedule's zone; "" = the server's local zone
+    settle_minutes: float = 30.0  # a series with no new instance this long is converted
+    workers: int = 0  # conversions at once; 0 = one per CPU core
+    timeout_seconds: float = 3600.0  # one series' conversion is stopped after this
+    memory_limit: str = "4GiB"  # address-space limit of a conversion process, as written
+    max_attempts: int = 3  # failures with unchanged content before the schedule gives up
+    preview: bool = True  # a PNG preview per series
+    study_template: str = "{PatientID}_{StudyDate}_{StudyDescription}"
+    series_template: str = "{SeriesNumber:03d}_{SeriesDescription}"
+    dcm2niix: Path | None = None  # None: the binary installed with dcmdb, then PATH
+    # memory_limit in bytes, 0 = unlimited; derived, so not a key of the file.
+    memory_limit_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_limit_bytes", parse_size(self.memory_limit))
+
+    @property
+    def tzinfo(self) -> TzInfo:
+        """The schedule's time zone: ``timezone``, or the server's local zone (DST-aware)."""
+        if self.timezone:
+            return zoneinfo.ZoneInfo(self.timezone)
+        return tzlocal.get_localzone()
+
+    @property
+    def effective_workers(self) -> int:
+        """``workers``, or the number of CPU cores (at least one) when it is 0."""
+        return self.workers or max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path  # the config file that was loaded (absolute)
     paths: PathsConfig
@@ -165,6 +261,7 @@ class Config:
     sorting: SortingConfig
     logging: LoggingConfig
     dicomdir: DicomdirConfig = field(default_factory=DicomdirConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
 
 _SECTIONS: Final = {
@@ -172,12 +269,14 @@ _SECTIONS: Final = {
     "ingest": IngestConfig,
     "sorting": SortingConfig,
     "dicomdir": DicomdirConfig,
+    "convert": ConvertConfig,
     "logging": LoggingConfig,
 }
 
 
 def _keys(section: type) -> tuple[str, ...]:
-    return tuple(item.name for item in fields(section))
+    """The keys of a section in the file: its fields, less those derived from other keys."""
+    return tuple(item.name for item in fields(section) if item.init)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +372,7 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
     ingest = _load_ingest(_optional_table(document, "ingest", errors), errors)
     sorting = _load_sorting(_optional_table(document, "sorting", errors), errors)
     dicomdir = _load_dicomdir(_optional_table(document, "dicomdir", errors), errors)
+    convert = _load_convert(_optional_table(document, "convert", errors), source, errors)
     logging = _load_logging(_optional_table(document, "logging", errors), errors)
     if paths is None:
         return None
@@ -283,6 +383,7 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         sorting=sorting,
         logging=logging,
         dicomdir=dicomdir,
+        convert=convert,
     )
 
 
@@ -363,6 +464,15 @@ class _Section:
             or (maximum is not None and value > maximum)
         ):
             self.error(key, f"{expected}, got {_describe(value)}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not isinstance(value, bool):
+            self.error(key, f"expected true or false, got {_describe(value)}")
             return default
         return value
 
@@ -708,6 +818,273 @@ def _load_dicomdir(table: Mapping[str, object], errors: list[str]) -> DicomdirCo
     return DicomdirConfig(delay_seconds=delay, max_delay_seconds=max_delay)
 
 
+def _load_convert(table: Mapping[str, object], source: Path, errors: list[str]) -> ConvertConfig:
+    default = ConvertConfig()
+    section = _Section(("convert",), table, _keys(ConvertConfig), errors)
+    # Read in the order of the keys, so problems are reported in that order (but timezone
+    # first: the schedule is checked in that zone).
+    enabled = section.boolean("enabled", default.enabled)
+    engine = section.choice("engine", default.engine, CONVERT_ENGINES)
+    timezone = _load_timezone(section, default.timezone)
+    schedule = _load_schedule(section, default.schedule, timezone)
+    settle_minutes = section.number(
+        "settle_minutes", default.settle_minutes, minimum=0, exclusive=False
+    )
+    workers = section.integer("workers", default.workers, minimum=0)
+    timeout_seconds = section.number(
+        "timeout_seconds", default.timeout_seconds, minimum=0, exclusive=True
+    )
+    memory_limit = _load_memory_limit(section, default.memory_limit)
+    max_attempts = section.integer("max_attempts", default.max_attempts, minimum=1)
+    preview = section.boolean("preview", default.preview)
+    study_template = section.string("study_template", default.study_template)
+    for problem in _naming_template_problems(study_template, _STUDY_FIELDS, "study"):
+        section.error("study_template", problem)
+    series_template = section.string("series_template", default.series_template)
+    for problem in _naming_template_problems(series_template, _SERIES_FIELDS, "series"):
+        section.error("series_template", problem)
+    return ConvertConfig(
+        enabled=enabled,
+        engine=engine,
+        schedule=schedule,
+        timezone=timezone,
+        settle_minutes=settle_minutes,
+        workers=workers,
+        timeout_seconds=timeout_seconds,
+        memory_limit=memory_limit,
+        max_attempts=max_attempts,
+        preview=preview,
+        study_template=study_template,
+        series_template=series_template,
+        dcm2niix=_load_program(section, "dcm2niix", source.parent),
+    )
+
+
+def _load_timezone(section: _Section, default: str) -> str:
+    name = section.string("timezone", default)
+    if not name:
+        return name
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a key naming a folder of the database ("Europe") on some Pythons.
+        # Not the aliases of the database's own layout ("localtime", "posix/...").
+        known = {
+            zone
+            for zone in zoneinfo.available_timezones()
+            if zone not in _NOT_ZONE_NAMES and not zone.startswith(("posix/", "right/"))
+        }
+        if not known:
+            section.error(
+                "timezone",
+                f"unknown time zone {_describe(name)}, and this machine has no time zone "
+                'database: install it (apt-get install tzdata), or write "" for the server\'s '
+                "local time zone",
+            )
+            return default
+        same = [zone for zone in known if zone.casefold() == name.strip().casefold()]
+        hint = f"; did you mean {same[0]}?" if same else _suggest(name, sorted(known))
+        section.error(
+            "timezone",
+            f"unknown time zone {_describe(name)}; write an IANA name such as "
+            f'"Europe/Berlin" or "UTC", or "" for the server\'s local time zone{hint}',
+        )
+        return default
+    return name
+
+
+def _load_schedule(section: _Section, default: str, timezone: str) -> str:
+    schedule = section.string("schedule", default)
+    example = 'e.g. "0 5 * * *" (05:00 every day) or "30 22 * * mon-fri"'
+    fields_ = schedule.split()
+    if len(fields_) == 5 and _has_weekday_number(fields_[4]):
+        # APScheduler 3 counts weekdays from Monday = 0, crontab from Sunday = 0: a number
+        # would run the job on another day than a crontab reader expects.
+        section.error(
+            "schedule",
+            f"write the weekday (5th field) of {_describe(schedule)} by name, mon tue wed thu "
+            "fri sat sun (e.g. mon-fri): crontab counts from 0 = Sunday, the scheduler from "
+            "0 = Monday",
+        )
+        return default
+    try:
+        trigger = CronTrigger.from_crontab(
+            schedule, timezone=zoneinfo.ZoneInfo(timezone) if timezone else None
+        )
+    except ValueError as exc:
+        section.error(
+            "schedule",
+            f"not a valid crontab schedule {_describe(schedule)} ({exc}); write 5 fields, "
+            f"minute hour day month weekday, {example}",
+        )
+        return default
+    if trigger.get_next_fire_time(None, datetime.now(trigger.timezone)) is None:
+        section.error(
+            "schedule",
+            f"{_describe(schedule)} never runs (no such date); {example}",
+        )
+        return default
+    return schedule
+
+
+def _has_weekday_number(weekdays: str) -> bool:
+    # A step ("*/2") is a count, not a weekday.
+    return any(
+        any(char.isdigit() for char in part.partition("/")[0]) for part in weekdays.split(",")
+    )
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size as an admin writes it: "4GiB", "512 MiB", "1.5GB", "1000000".
+
+    Units, case-insensitive: B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of
+    1024); no unit means bytes. A fraction of a byte is dropped. "unlimited" gives 0. Raises
+    ValueError with a message that shows valid sizes.
+    """
+    stripped = text.strip()
+    if stripped.lower() == "unlimited":
+        return 0
+    match = _SIZE.fullmatch(stripped)
+    if match is None:
+        raise ValueError(
+            f"{_describe(text)} is not a size; write a number and a unit, e.g. {_SIZE_EXAMPLES}"
+        )
+    multiplier = _SIZE_UNITS.get(match["unit"].lower() or "b")
+    if multiplier is None:
+        raise ValueError(
+            f"{_describe(text)}: unknown unit {_describe(match['unit'])}; use one of "
+            f"{', '.join(_SIZE_UNIT_NAMES)}, e.g. {_SIZE_EXAMPLES}"
+        )
+    return int(Fraction(match["number"]) * multiplier)
+
+
+def _load_memory_limit(section: _Section, default: str) -> str:
+    if "memory_limit" not in section.table:
+        return default
+    value = section.table["memory_limit"]
+    if not isinstance(value, str):
+        section.error(
+            "memory_limit",
+            f"expected a size as a string, e.g. {_SIZE_EXAMPLES}, got {_describe(value)}",
+        )
+        return default
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        section.error("memory_limit", str(exc))
+        return default
+    unlimited = value.strip().lower() == "unlimited"
+    if not unlimited and size < MIN_MEMORY_LIMIT_BYTES:
+        section.error(
+            "memory_limit",
+            f"{_describe(value)} is below 256 MiB, too little for a conversion process to "
+            'start; write at least "256MiB" (4GiB suits most series), or "unlimited"',
+        )
+        return default
+    if size > _MAX_MEMORY_LIMIT_BYTES:
+        section.error(
+            "memory_limit", f'{_describe(value)} is more than any system has; write "unlimited"'
+        )
+        return default
+    return value
+
+
+def _naming_template_problems(template: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """Why ``template`` cannot name a converted study or series (``what``), if it cannot."""
+    listed = ", ".join(f"{{{name}}}" for name in allowed)
+    if not template:
+        return [f"must not be empty; use some of {listed}"]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"]
+    problems: list[str] = []
+    literal = ""
+    placeholders = 0
+    for text, name, spec, conversion in parsed:
+        literal += text
+        if name is None:
+            continue
+        placeholders += 1
+        format_spec = spec or ""
+        shown = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{format_spec}" if format_spec else "")
+            + "}"
+        )
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not name or name.isdigit():
+            problems.append(f"placeholder {shown} has no field name; use one of {listed}")
+        elif base != name:
+            write = f"write {{{base}}}" if base in allowed else f"use one of {listed}"
+            problems.append(
+                f"placeholder {shown}: attribute and index access are not supported; {write}"
+            )
+        elif name not in allowed:
+            same = [field for field in allowed if field.lower() == name.lower()]
+            hint = f"; did you mean {{{same[0]}}}?" if same else _suggest(name, allowed, wrap="{}")
+            problems.append(f"unknown field {shown}; allowed: {listed}{hint}")
+        elif conversion:
+            problems.append(
+                f"placeholder {shown}: conversions (!r, !s, !a) are not supported; write "
+                f"{{{name}{':' + format_spec if format_spec else ''}}}"
+            )
+        elif "{" in format_spec:
+            problems.append(f"placeholder {shown}: a format spec must not contain a placeholder")
+        else:
+            try:
+                format(_TEMPLATE_SAMPLE[name], format_spec)
+            except (ValueError, TypeError) as exc:
+                kind = "a number" if isinstance(_TEMPLATE_SAMPLE[name], int) else "text"
+                problems.append(f"placeholder {shown}: {exc} ({name} is {kind})")
+    if placeholders == 0:
+        problems.append(
+            f"has no field, so every {what} would get the same name; use some of {listed}"
+        )
+    forbidden = sorted({char for char in literal if char in FORBIDDEN_FOLDER_CHARS})
+    if forbidden:
+        problems.append(f"text outside placeholders must not contain {' '.join(forbidden)}")
+    if any(_is_control(char) for char in literal):
+        problems.append("must not contain control characters")
+    if template.startswith("."):
+        problems.append("must not start with '.' (a hidden file)")
+    if not problems:
+        try:
+            template.format_map(_TEMPLATE_SAMPLE)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            problems.append(f"cannot be filled in ({exc})")
+    return problems
+
+
+def _load_program(section: _Section, key: str, base: Path) -> Path | None:
+    """An executable the admin named, resolved like the other paths; None when unset ("")."""
+    value = section.table.get(key, "")
+    if value == "":
+        return None
+    path = _resolve_path(section, key, value, base)
+    if path is None:
+        return None
+    bundled = '"" for the one installed with dcmdb'
+    if not path.exists():
+        on_path = shutil.which(value) if isinstance(value, str) and "/" not in value else None
+        found = f" (on PATH: {on_path})" if on_path else ""
+        section.error(
+            key,
+            f"{path}: no such file; write the full path of the {key} program{found}, or {bundled}",
+        )
+    elif path.is_dir():
+        section.error(key, f"{path} is a folder; name the {key} program inside it, or {bundled}")
+    elif not os.access(path, os.X_OK):
+        section.error(
+            key, f"{path} is not executable; make it so (chmod +x {path}), or write {bundled}"
+        )
+    else:
+        return path
+    return None
+
+
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
     default = LoggingConfig()
     section = _Section(("logging",), table, _keys(LoggingConfig), errors)
@@ -731,20 +1108,25 @@ def render_config(config: Config) -> str:
         f"# Loaded from {_toml_string(str(config.source))}",
     ]
     sections: dict[
-        str, PathsConfig | IngestConfig | SortingConfig | DicomdirConfig | LoggingConfig
+        str,
+        PathsConfig | IngestConfig | SortingConfig | DicomdirConfig | ConvertConfig | LoggingConfig,
     ] = {
         "paths": config.paths,
         "ingest": config.ingest,
         "sorting": config.sorting,
         "dicomdir": config.dicomdir,
+        "convert": config.convert,
         "logging": config.logging,
     }
     for name, section in sections.items():
         lines += ["", f"[{name}]"]
         for item in fields(section):
-            if item.name == "aliases":
+            if item.name == "aliases" or not item.init:
                 continue
-            lines.append(f"{_key_path(item.name)} = {_toml_value(getattr(section, item.name))}")
+            value = getattr(section, item.name)
+            # An unset optional path (convert.dcm2niix) is written as the file spells it: "".
+            shown = '""' if value is None else _toml_value(value)
+            lines.append(f"{_key_path(item.name)} = {shown}")
         if name == "sorting":
             lines += ["", "[sorting.aliases]"]
             for folder, spellings in config.sorting.aliases.items():

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import stat
 import tomllib
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import dcm2niix
 import pytest
+import tzlocal
+from apscheduler.triggers.cron import CronTrigger
 
 from daemon.config import (
     EX_CONFIG,
+    SERIES_TEMPLATE_FIELDS,
+    STUDY_TEMPLATE_FIELDS,
     ConfigError,
+    ConvertConfig,
     IngestConfig,
     LoggingConfig,
     PathsConfig,
     SortingConfig,
     find_config_file,
     load_config,
+    parse_size,
     render_config,
 )
 from daemon.layout import alias_lookup, folder_key, physician_folder_name
@@ -60,6 +71,14 @@ def toml_key(text: str) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else toml_string(text)
 
 
+def executable(path: Path, mode: int = 0o755) -> Path:
+    """A small shell script at ``path`` with ``mode``: a stand-in program the config can name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
 # --- the shipped file ---------------------------------------------------------------------------
 
 
@@ -80,12 +99,15 @@ def test_shipped_config_lists_every_key_with_its_default_value() -> None:
     document = tomllib.loads(SHIPPED_CONFIG.read_text(encoding="utf-8"))
     config = load_config(SHIPPED_CONFIG)
 
-    for section in (IngestConfig, SortingConfig, LoggingConfig, PathsConfig):
+    for section in (IngestConfig, SortingConfig, LoggingConfig, PathsConfig, ConvertConfig):
         name = section.__name__.removesuffix("Config").lower()
-        assert set(document[name]) == {field.name for field in dataclasses.fields(section)}
+        assert set(document[name]) == {
+            field.name for field in dataclasses.fields(section) if field.init
+        }
     assert config.ingest == IngestConfig()
     assert config.sorting == SortingConfig()
     assert config.logging == LoggingConfig()
+    assert config.convert == ConvertConfig()
 
 
 def test_shipped_alias_example_loads_once_uncommented(tmp_path: Path) -> None:
@@ -738,6 +760,542 @@ def test_config_sections_are_hashable_and_immutable(tmp_path: Path) -> None:
         sorting.aliases["x"] = ("Y",)  # type: ignore[index]
 
 
+# --- convert ------------------------------------------------------------------------------------
+
+
+def test_convert_section_absent_gives_every_default(tmp_path: Path) -> None:
+    convert = load_config(write_config(tmp_path, "")).convert
+
+    assert convert == ConvertConfig()
+    assert convert.enabled is True
+    assert convert.engine == "dcm2niix"
+    assert convert.schedule == "0 5 * * *"
+    assert convert.timezone == ""
+    assert convert.settle_minutes == 30.0
+    assert convert.workers == 0
+    assert convert.timeout_seconds == 3600.0
+    assert convert.memory_limit == "4GiB"
+    assert convert.memory_limit_bytes == 4 * 1024**3
+    assert convert.max_attempts == 3
+    assert convert.preview is True
+    assert convert.study_template == "{PatientID}_{StudyDate}_{StudyDescription}"
+    assert convert.series_template == "{SeriesNumber:03d}_{SeriesDescription}"
+    assert convert.dcm2niix is None
+
+
+def test_every_convert_key_is_read_as_written(tmp_path: Path) -> None:
+    program = executable(tmp_path / "tools" / "dcm2niix")
+    path = write_config(
+        tmp_path,
+        '[convert]\nenabled = false\nengine = "Dicom2NIfTI"\nschedule = "*/15 6-20 * * mon-fri"\n'
+        'timezone = "Europe/Berlin"\nsettle_minutes = 2.5\nworkers = 4\ntimeout_seconds = 600\n'
+        'memory_limit = "512 MiB"\nmax_attempts = 5\npreview = false\n'
+        'study_template = "{StudyDate}_{AccessionNumber}"\n'
+        'series_template = "{Modality}{SeriesNumber:02d}"\ndcm2niix = "tools/dcm2niix"\n',
+    )
+
+    convert = load_config(path).convert
+
+    assert convert == ConvertConfig(
+        enabled=False,
+        engine="dicom2nifti",
+        schedule="*/15 6-20 * * mon-fri",
+        timezone="Europe/Berlin",
+        settle_minutes=2.5,
+        workers=4,
+        timeout_seconds=600.0,
+        memory_limit="512 MiB",
+        max_attempts=5,
+        preview=False,
+        study_template="{StudyDate}_{AccessionNumber}",
+        series_template="{Modality}{SeriesNumber:02d}",
+        dcm2niix=program.resolve(),
+    )
+    assert convert.memory_limit_bytes == 512 * 1024**2
+    assert isinstance(convert.timeout_seconds, float)
+
+
+def test_convert_mistakes_are_all_reported_at_once_in_key_order(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[convert]\nenabled = "yes"\nengine = "dcm2nix"\nschedule = "0 25 * * *"\n'
+        'timezone = "Europe/Berln"\nsettle_minutes = -1\nworkers = -1\ntimeout_seconds = 0\n'
+        'memory_limit = "4G"\nmax_attempts = 0\npreview = 1\nstudy_template = "{PatientId}"\n'
+        'series_template = "{SeriesNumber:03d}/x"\nmax_attempt = 2\n',
+    )
+
+    errors = load_errors(path)
+
+    assert [error.partition(":")[0] for error in errors] == [
+        "convert.max_attempt",
+        "convert.enabled",
+        "convert.engine",
+        "convert.timezone",
+        "convert.schedule",
+        "convert.settle_minutes",
+        "convert.workers",
+        "convert.timeout_seconds",
+        "convert.memory_limit",
+        "convert.max_attempts",
+        "convert.preview",
+        "convert.study_template",
+        "convert.series_template",
+    ]
+    assert errors[0] == "convert.max_attempt: unknown key; did you mean max_attempts?"
+    assert errors[1] == 'convert.enabled: expected true or false, got "yes"'
+    assert errors[2] == (
+        'convert.engine: expected one of "dcm2niix", "dicom2nifti", got "dcm2nix"; '
+        "did you mean dcm2niix?"
+    )
+    assert errors[5] == "convert.settle_minutes: expected a number >= 0, got -1"
+    assert errors[6] == "convert.workers: expected an integer >= 0, got -1"
+    assert errors[7] == "convert.timeout_seconds: expected a number > 0, got 0"
+    assert errors[9] == "convert.max_attempts: expected an integer >= 1, got 0"
+    assert errors[10] == "convert.preview: expected true or false, got 1"
+
+
+def test_top_level_convert_key_says_it_belongs_under_convert(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('schedule = "0 5 * * *"\n' + VALID_PATHS, encoding="utf-8")
+
+    assert load_errors(path) == ["schedule: unknown top-level key; it belongs under [convert]"]
+
+
+def test_memory_limit_bytes_is_derived_and_not_a_key_of_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[convert]\nmemory_limit_bytes = 1073741824\n")
+
+    assert load_errors(path) == [
+        "convert.memory_limit_bytes: unknown key; did you mean memory_limit?"
+    ]
+    assert dataclasses.replace(ConvertConfig(), memory_limit="1GB").memory_limit_bytes == 10**9
+
+
+def test_engine_is_case_insensitive_and_stored_lowercase(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[convert]\nengine = "DCM2NIIX"\n')
+
+    assert load_config(path).convert.engine == "dcm2niix"
+
+
+def test_zero_workers_means_one_per_cpu_core() -> None:
+    assert ConvertConfig(workers=0).effective_workers == max(1, os.cpu_count() or 1)
+    assert ConvertConfig(workers=3).effective_workers == 3
+
+
+def test_convert_config_is_hashable_and_immutable() -> None:
+    convert = ConvertConfig(memory_limit="unlimited")
+
+    assert hash(convert) == hash(ConvertConfig(memory_limit="unlimited"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        convert.workers = 2  # type: ignore[misc]
+
+
+# --- convert: sizes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4GiB", 4 * 1024**3),
+        ("4 GiB", 4 * 1024**3),
+        ("4gib", 4 * 1024**3),
+        ("512MiB", 512 * 1024**2),
+        ("1KiB", 1024),
+        ("2TiB", 2 * 1024**4),
+        ("1.5GB", 1_500_000_000),
+        ("1.5 gb", 1_500_000_000),
+        ("10MB", 10_000_000),
+        ("3kb", 3000),
+        ("1TB", 10**12),
+        ("100B", 100),
+        ("1000000", 1_000_000),
+        ("0", 0),
+        (".5KiB", 512),
+        ("1.0009KB", 1000),  # a fraction of a byte is dropped
+        (" 8 GiB ", 8 * 1024**3),
+        ("unlimited", 0),
+        ("Unlimited", 0),
+    ],
+)
+def test_parse_size_reads_decimal_and_binary_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "-1GB", "1e9", "1,000", "4 G i B", "four GiB", "1..5KB"]
+)
+def test_parse_size_of_something_that_is_not_a_size_shows_valid_sizes(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a size") as raised:
+        parse_size(text)
+
+    assert '"4GiB", "512 MiB"' in str(raised.value)
+    assert '"unlimited"' in str(raised.value)
+
+
+@pytest.mark.parametrize(("text", "unit"), [("4G", "G"), ("4 gigs", "gigs"), ("1 KIBI", "KIBI")])
+def test_parse_size_with_an_unknown_unit_lists_the_units(text: str, unit: str) -> None:
+    with pytest.raises(ValueError, match="unknown unit") as raised:
+        parse_size(text)
+
+    assert str(raised.value).startswith(
+        f'"{text}": unknown unit "{unit}"; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, '
+        'e.g. "4GiB"'
+    )
+
+
+@pytest.mark.parametrize("limit", ["256MiB", "268435456", "0.25GiB", "unlimited", "1TiB"])
+def test_memory_limit_of_at_least_256_mib_or_unlimited_is_accepted(
+    tmp_path: Path, limit: str
+) -> None:
+    path = write_config(tmp_path, f'[convert]\nmemory_limit = "{limit}"\n')
+
+    convert = load_config(path).convert
+
+    assert convert.memory_limit == limit
+    assert convert.memory_limit_bytes == (0 if limit == "unlimited" else parse_size(limit))
+
+
+@pytest.mark.parametrize("limit", ["255MiB", "100MB", "268435455", "0", "0GiB"])
+def test_memory_limit_below_256_mib_is_rejected_saying_why(tmp_path: Path, limit: str) -> None:
+    path = write_config(tmp_path, f'[convert]\nmemory_limit = "{limit}"\n')
+
+    assert load_errors(path) == [
+        f'convert.memory_limit: "{limit}" is below 256 MiB, too little for a conversion process '
+        'to start; write at least "256MiB" (4GiB suits most series), or "unlimited"'
+    ]
+
+
+def test_memory_limit_that_is_not_a_size_string_is_reported_with_its_key_path(
+    tmp_path: Path,
+) -> None:
+    as_number = write_config(tmp_path / "a", "[convert]\nmemory_limit = 4096\n")
+    no_unit = write_config(tmp_path / "b", '[convert]\nmemory_limit = "4 gigabytes"\n')
+    too_big = write_config(tmp_path / "c", '[convert]\nmemory_limit = "9000000TiB"\n')
+
+    assert load_errors(as_number) == [
+        'convert.memory_limit: expected a size as a string, e.g. "4GiB", "512 MiB", "1.5GB", '
+        '"1000000" (bytes) or "unlimited", got 4096'
+    ]
+    assert load_errors(no_unit)[0].startswith(
+        'convert.memory_limit: "4 gigabytes": unknown unit "gigabytes"'
+    )
+    assert load_errors(too_big) == [
+        'convert.memory_limit: "9000000TiB" is more than any system has; write "unlimited"'
+    ]
+
+
+# --- convert: schedule and time zone ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "reason"),
+    [
+        ("0 25 * * *", "the last value (25) is higher than the maximum value (23)"),
+        ("60 5 * * *", "the last value (60) is higher than the maximum value (59)"),
+        ("0 5 * 13 *", "the last value (13) is higher than the maximum value (12)"),
+        ("0 5 * *", "Wrong number of fields; got 4, expected 5"),
+        ("0 5 * * * *", "Wrong number of fields; got 6, expected 5"),
+        ("@daily", "Wrong number of fields; got 1, expected 5"),
+        ("", "Wrong number of fields; got 0, expected 5"),
+        ("x 5 * * *", 'Unrecognized expression "x" for field "minute"'),
+        ("0 5 * * sun-mon", "The minimum value in a range must not be higher than the maximum"),
+    ],
+)
+def test_schedule_that_is_no_crontab_line_reports_why_and_an_example(
+    tmp_path: Path, schedule: str, reason: str
+) -> None:
+    path = write_config(tmp_path, f'[convert]\nschedule = "{schedule}"\n')
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f'convert.schedule: not a valid crontab schedule "{schedule}" (')
+    assert reason in errors[0]
+    assert errors[0].endswith(
+        'write 5 fields, minute hour day month weekday, e.g. "0 5 * * *" (05:00 every day) or '
+        '"30 22 * * mon-fri"'
+    )
+
+
+@pytest.mark.parametrize("schedule", ["0 5 * * 1-5", "0 5 * * 0", "0 5 * * 7", "0 5 * * mon,3"])
+def test_schedule_with_a_weekday_number_is_rejected_for_a_name(
+    tmp_path: Path, schedule: str
+) -> None:
+    # APScheduler 3 counts weekdays from Monday = 0, crontab from Sunday = 0.
+    path = write_config(tmp_path, f'[convert]\nschedule = "{schedule}"\n')
+
+    assert load_errors(path) == [
+        f'convert.schedule: write the weekday (5th field) of "{schedule}" by name, mon tue wed thu '
+        "fri sat sun (e.g. mon-fri): crontab counts from 0 = Sunday, the scheduler from "
+        "0 = Monday"
+    ]
+
+
+def test_schedule_that_never_runs_is_rejected(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[convert]\nschedule = "0 5 30 2 *"\n')
+
+    assert load_errors(path) == [
+        'convert.schedule: "0 5 30 2 *" never runs (no such date); e.g. "0 5 * * *" (05:00 every '
+        'day) or "30 22 * * mon-fri"'
+    ]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        "0 5 * * *",
+        "*/15 * * * *",
+        "30 22 * * mon-fri",
+        "0 3 * * sun",
+        "0 1 * * */2",
+        "0 4 last * *",
+    ],
+)
+def test_accepted_schedule_builds_the_trigger_the_daemon_runs(
+    tmp_path: Path, schedule: str
+) -> None:
+    path = write_config(
+        tmp_path, f'[convert]\nschedule = "{schedule}"\ntimezone = "Europe/Berlin"\n'
+    )
+    convert = load_config(path).convert
+
+    trigger = CronTrigger.from_crontab(convert.schedule, timezone=convert.tzinfo)
+
+    assert convert.schedule == schedule
+    assert trigger.get_next_fire_time(None, datetime.now(convert.tzinfo)) is not None
+
+
+def test_the_default_schedule_runs_at_five_in_the_configured_zone_across_dst(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path, '[convert]\ntimezone = "Europe/Berlin"\n')
+    convert = load_config(path).convert
+    trigger = CronTrigger.from_crontab(convert.schedule, timezone=convert.tzinfo)
+    berlin = ZoneInfo("Europe/Berlin")
+
+    winter = trigger.get_next_fire_time(None, datetime(2025, 1, 15, 12, tzinfo=berlin))
+    summer = trigger.get_next_fire_time(None, datetime(2025, 7, 15, 12, tzinfo=berlin))
+
+    assert convert.tzinfo == berlin
+    assert (winter.hour, winter.utcoffset().total_seconds()) == (5, 3600)
+    assert (summer.hour, summer.utcoffset().total_seconds()) == (5, 7200)
+
+
+def test_empty_timezone_is_the_servers_local_zone_with_its_dst_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, "")
+    monkeypatch.setenv("TZ", "America/New_York")
+    tzlocal.reload_localzone()
+    try:
+        local = load_config(path).convert.tzinfo
+        january = datetime(2025, 1, 15, 12, tzinfo=local).utcoffset()
+        july = datetime(2025, 7, 15, 12, tzinfo=local).utcoffset()
+    finally:
+        monkeypatch.undo()
+        tzlocal.reload_localzone()
+
+    assert local == ZoneInfo("America/New_York")
+    assert january is not None
+    assert july is not None
+    assert (january.total_seconds(), july.total_seconds()) == (-5 * 3600, -4 * 3600)
+
+
+@pytest.mark.parametrize(
+    ("timezone", "hint"),
+    [
+        ("Europe/Berln", "; did you mean Europe/Berlin?"),
+        ("europe/berlin", "; did you mean Europe/Berlin?"),
+        (" Europe/Berlin", "; did you mean Europe/Berlin?"),
+        ("Mars/Olympus_Mons", ""),
+        ("../etc/passwd", ""),
+        ("/etc/localtime", ""),
+    ],
+)
+def test_unknown_timezone_is_reported_with_an_example(
+    tmp_path: Path, timezone: str, hint: str
+) -> None:
+    path = write_config(tmp_path, f'[convert]\ntimezone = "{timezone}"\n')
+
+    assert load_errors(path) == [
+        f'convert.timezone: unknown time zone "{timezone}"; write an IANA name such as '
+        f'"Europe/Berlin" or "UTC", or "" for the server\'s local time zone{hint}'
+    ]
+
+
+# --- convert: naming templates ------------------------------------------------------------------
+
+
+def test_template_field_sets_are_shared_frozensets_and_series_extends_study() -> None:
+    assert isinstance(STUDY_TEMPLATE_FIELDS, frozenset)
+    assert isinstance(SERIES_TEMPLATE_FIELDS, frozenset)
+    added = SERIES_TEMPLATE_FIELDS - STUDY_TEMPLATE_FIELDS
+    assert added == {"SeriesNumber", "SeriesDescription", "Modality"}
+    assert "PatientID" in STUDY_TEMPLATE_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("", "must not be empty; use some of {PatientID}, {PatientName}"),
+        ("{PatientId}", "unknown field {PatientId}; allowed: {PatientID}"),
+        ("{SeriesNumber}", "unknown field {SeriesNumber}; allowed: {PatientID}"),
+        ("{}", "placeholder {} has no field name"),
+        ("{0}", "placeholder {0} has no field name"),
+        ("{PatientName.upper}", "placeholder {PatientName.upper}: attribute and index access"),
+        ("{PatientName[0]}", "placeholder {PatientName[0]}: attribute and index access"),
+        ("{PatientID!r}", "placeholder {PatientID!r}: conversions (!r, !s, !a) are not supported"),
+        ("{StudyDate:{StudyTime}}", "placeholder {StudyDate:{StudyTime}}: a format spec must"),
+        ("{StudyDate:03d}", "placeholder {StudyDate:03d}: Unknown format code 'd'"),
+        ("{StudyDate:%Y}", "placeholder {StudyDate:%Y}: "),
+        ("{PatientID", "is not a valid template"),
+        ("{PatientID}}", "is not a valid template"),
+        ("study", "has no field, so every study would get the same name"),
+        ("{{PatientID}}", "has no field, so every study would get the same name"),
+        ("{PatientID}/{StudyDate}", "text outside placeholders must not contain /"),
+        ("{PatientID}\t", "must not contain control characters"),
+        (".{PatientID}", "must not start with '.'"),
+    ],
+)
+def test_study_template_that_cannot_name_a_folder_is_rejected(
+    tmp_path: Path, template: str, problem: str
+) -> None:
+    path = write_config(tmp_path, f"[convert]\nstudy_template = {toml_string(template)}\n")
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"convert.study_template: {problem}")
+
+
+def test_template_field_with_the_wrong_case_suggests_the_right_one(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[convert]\nstudy_template = "{patientid}"\nseries_template = "{SeriesNumbr:03d}"\n',
+    )
+
+    errors = load_errors(path)
+
+    assert errors[0].endswith("did you mean {PatientID}?")
+    assert errors[1].startswith("convert.series_template: unknown field {SeriesNumbr:03d}")
+    assert errors[1].endswith("did you mean {SeriesNumber}?")
+
+
+def test_series_template_problems_are_each_reported(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[convert]\nseries_template = "{SeriesDescription:d}:{Modality!s}_{SeriesNumber:x<}"\n',
+    )
+
+    assert load_errors(path) == [
+        "convert.series_template: placeholder {SeriesDescription:d}: Unknown format code 'd' for "
+        "object of type 'str' (SeriesDescription is text)",
+        "convert.series_template: placeholder {Modality!s}: conversions (!r, !s, !a) are not "
+        "supported; write {Modality}",
+        "convert.series_template: text outside placeholders must not contain :",
+    ]
+
+
+def test_series_template_without_a_field_would_give_every_series_one_name(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[convert]\nseries_template = "series"\n')
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(
+        "convert.series_template: has no field, so every series would get the same name; use "
+        "some of {PatientID},"
+    )
+    assert errors[0].endswith("{SeriesNumber}, {SeriesDescription}, {Modality}")
+
+
+@pytest.mark.parametrize(
+    ("study", "series"),
+    [
+        ("{PatientName}-{StudyTime}", "{SeriesNumber}"),
+        ("{{{StudyID}}}", "{PatientID}_{SeriesNumber:>4}_{Modality:.2}"),
+        ("{AccessionNumber:_<12}", "{SeriesNumber:03d}_{SeriesDescription}_{StudyDate}"),
+        ("Studie {StudyDescription} ü", "{SeriesNumber:+}"),
+    ],
+)
+def test_templates_with_allowed_fields_and_format_specs_are_accepted(
+    tmp_path: Path, study: str, series: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        f"[convert]\nstudy_template = {toml_string(study)}\n"
+        f"series_template = {toml_string(series)}\n",
+    )
+
+    convert = load_config(path).convert
+
+    assert (convert.study_template, convert.series_template) == (study, series)
+
+
+# --- convert: the dcm2niix program --------------------------------------------------------------
+
+
+def test_empty_dcm2niix_means_the_one_installed_with_dcmdb(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[convert]\ndcm2niix = ""\n')
+    bundled = Path(dcm2niix.bin)
+
+    assert load_config(path).convert.dcm2niix is None
+    assert bundled.is_file()
+    assert os.access(bundled, os.X_OK)
+
+
+def test_dcm2niix_path_resolves_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = executable(tmp_path / "etc" / "bin" / "dcm2niix")
+    path = write_config(tmp_path / "etc", '[convert]\ndcm2niix = "bin/dcm2niix"\n')
+    monkeypatch.chdir(tmp_path)
+
+    assert load_config(path).convert.dcm2niix == program.resolve()
+
+
+def test_dcm2niix_that_is_missing_a_folder_or_not_executable_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    folder = (tmp_path / "tools").resolve()
+    executable(folder / "plain", 0o644)
+    (folder / "dir").mkdir()
+    missing = write_config(tmp_path / "a", f'[convert]\ndcm2niix = "{folder}/dcm2niix"\n')
+    a_folder = write_config(tmp_path / "b", f'[convert]\ndcm2niix = "{folder}/dir"\n')
+    not_executable = write_config(tmp_path / "c", f'[convert]\ndcm2niix = "{folder}/plain"\n')
+    not_a_string = write_config(tmp_path / "d", "[convert]\ndcm2niix = false\n")
+
+    assert load_errors(missing) == [
+        f"convert.dcm2niix: {folder}/dcm2niix: no such file; write the full path of the dcm2niix "
+        'program, or "" for the one installed with dcmdb'
+    ]
+    assert load_errors(a_folder) == [
+        f"convert.dcm2niix: {folder}/dir is a folder; name the dcm2niix program inside it, or "
+        '"" for the one installed with dcmdb'
+    ]
+    assert load_errors(not_executable) == [
+        f"convert.dcm2niix: {folder}/plain is not executable; make it so (chmod +x "
+        f'{folder}/plain), or write "" for the one installed with dcmdb'
+    ]
+    assert load_errors(not_a_string) == [
+        "convert.dcm2niix: expected a path (a non-empty string), got false"
+    ]
+    assert stat.S_IMODE((folder / "plain").stat().st_mode) == 0o644
+
+
+def test_bare_dcm2niix_name_points_at_the_program_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_path = executable(tmp_path / "usr" / "bin" / "dcm2niix")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    path = write_config(tmp_path / "etc", '[convert]\ndcm2niix = "dcm2niix"\n')
+
+    assert load_errors(path) == [
+        f"convert.dcm2niix: {(tmp_path / 'etc').resolve()}/dcm2niix: no such file; write the "
+        f'full path of the dcm2niix program (on PATH: {on_path}), or "" for the one installed '
+        "with dcmdb"
+    ]
+
+
 # --- finding the file ---------------------------------------------------------------------------
 
 
@@ -846,12 +1404,22 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         '[sorting]\nfolder_template = "Dr {family} {given}"\nunknown_folder = "Niemand"\n'
         "max_folder_length = 200\n"
         '[sorting.aliases]\nSmith_John = ["SMITH^JOHN", "SMITH^J"]\n"Müller Ä.B" = ["MÜLLER^Ä"]\n'
-        '[logging]\nlevel = "WARNING"\nformat = "json"\n',
+        '[logging]\nlevel = "WARNING"\nformat = "json"\n'
+        '[convert]\nenabled = false\nengine = "dicom2nifti"\nschedule = "30 22 * * mon-fri"\n'
+        'timezone = "Europe/Berlin"\nsettle_minutes = 0\nworkers = 2\ntimeout_seconds = 90.5\n'
+        'memory_limit = "1.5 GB"\nmax_attempts = 1\npreview = false\n'
+        'study_template = "{{{PatientName}}} {AccessionNumber}"\n'
+        'series_template = "{Modality}-{SeriesNumber:>4}"\ndcm2niix = "bin/dcm2niix"\n',
         with_paths=False,
     )
+    executable(tmp_path / "conf" / "bin" / "dcm2niix")
     config = load_config(path)
     assert config.ingest != IngestConfig()
     assert config.sorting != SortingConfig()
+    assert all(
+        getattr(config.convert, item.name) != getattr(ConvertConfig(), item.name)
+        for item in dataclasses.fields(ConvertConfig)
+    )
     rendered = tmp_path / "rendered.toml"
     rendered.write_text(render_config(config), encoding="utf-8")
 
@@ -874,4 +1442,19 @@ def test_render_config_fills_in_every_default(tmp_path: Path) -> None:
         "unknown_folder": "unknown",
         "max_folder_length": 64,
         "aliases": {},
+    }
+    assert document["convert"] == {
+        "enabled": True,
+        "engine": "dcm2niix",
+        "schedule": "0 5 * * *",
+        "timezone": "",
+        "settle_minutes": 30.0,
+        "workers": 0,
+        "timeout_seconds": 3600.0,
+        "memory_limit": "4GiB",
+        "max_attempts": 3,
+        "preview": True,
+        "study_template": "{PatientID}_{StudyDate}_{StudyDescription}",
+        "series_template": "{SeriesNumber:03d}_{SeriesDescription}",
+        "dcm2niix": "",
     }
