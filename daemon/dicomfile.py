@@ -1181,3 +1181,348 @@ def _raise_parse_failure(
     raise NotAcceptedError(
         f"pydicom cannot decode the data set ({type(error).__name__}: {error}): {_RESEND}"
     ) from error
+
+
+# --- series facts for NIfTI conversion ---------------------------------------------------
+#
+# What daemon.nifti needs to decide whether a series can become a volume, and what its JSON
+# sidecar reports, read from the headers only: each file is parsed up to its pixel data with
+# only the elements below kept (pydicom skips the values of all others), and the File Meta
+# read and the raw value decoding are this module's own (see _Values). The archived files
+# were proven whole at ingest, so nothing here walks the rest of the file.
+
+
+@dataclass(frozen=True, slots=True)
+class AcquisitionFacts:
+    """The acquisition values of one image instance, in DICOM's own units (PS3.3 C.8.3.1,
+    C.8.13.5): times in ms, angles in degrees, field strength in T, thickness in mm. Strings
+    are decoded and stripped; a value the instance lacks is "" or None. Enhanced (multi-frame)
+    instances give their timing from the Shared Functional Groups (PS3.3 C.7.6.16) when it is
+    there and not per frame."""
+
+    modality: str
+    manufacturer: str
+    manufacturers_model_name: str
+    magnetic_field_strength_t: float | None
+    echo_time_ms: float | None
+    repetition_time_ms: float | None
+    flip_angle_degrees: float | None
+    slice_thickness_mm: float | None
+    series_description: str
+    protocol_name: str
+    series_number: int | None
+    acquisition_time: str  # DICOM TM ("HHMMSS.FFFFFF"), "" when absent
+    image_type: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceFacts:
+    """What NIfTI conversion needs to know about one instance file."""
+
+    path: Path
+    sop_class_uid: str
+    sop_class_name: str  # pydicom's UID dictionary name; the UID itself when unknown (private)
+    # An image Storage SOP Class: not SR, RT plan/structure set/dose, waveform, presentation
+    # state, key object selection, encapsulated document, segmentation, raw data, ...
+    image_storage: bool
+    has_pixel_data: bool
+    image_type: tuple[str, ...]  # upper case, as in (0008,0008)
+    # Image Orientation (Patient) (0020,0037): six direction cosines; () when absent (an
+    # enhanced multi-frame instance has it in its functional groups)
+    image_orientation: tuple[float, ...]
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    series_number: int | None
+    instance_number: int | None
+    echo_number: int | None  # the first value of Echo Numbers (0018,0086)
+    acquisition: AcquisitionFacts
+
+    @property
+    def is_image(self) -> bool:
+        """An image a converter can make a volume of (its class and its pixel data)."""
+        return self.image_storage and self.has_pixel_data
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesFacts:
+    """The facts of every file of one series, in the order the paths were given."""
+
+    instances: tuple[InstanceFacts, ...]
+
+
+_IMAGE_TYPE: Final = 0x00080008
+_ACQUISITION_DATE_TIME: Final = 0x0008002A
+_ACQUISITION_TIME: Final = 0x00080032
+_MANUFACTURER: Final = 0x00080070
+_MANUFACTURERS_MODEL_NAME: Final = 0x00081090
+_SLICE_THICKNESS: Final = 0x00180050
+_REPETITION_TIME: Final = 0x00180080
+_ECHO_TIME: Final = 0x00180081
+_ECHO_NUMBERS: Final = 0x00180086
+_MAGNETIC_FIELD_STRENGTH: Final = 0x00180087
+_PROTOCOL_NAME: Final = 0x00181030
+_FLIP_ANGLE: Final = 0x00181314
+_IMAGE_ORIENTATION_PATIENT: Final = 0x00200037
+_SHARED_FUNCTIONAL_GROUPS: Final = 0x52009229
+_PER_FRAME_FUNCTIONAL_GROUPS: Final = 0x52009230
+# inside the functional groups (PS3.3 C.8.13.5.2, C.8.13.5.6, C.7.6.16.2.1)
+_MR_TIMING_AND_RELATED_PARAMETERS: Final = 0x00189112
+_MR_ECHO: Final = 0x00189114
+_EFFECTIVE_ECHO_TIME: Final = 0x00189082
+_PIXEL_MEASURES: Final = 0x00289110
+
+# Bytes read at once from the start of a file: preamble, File Meta and the usual header.
+_FACT_HEAD_LENGTH: Final = 1 << 17
+
+_FACT_TAGS: Final = [
+    _SPECIFIC_CHARACTER_SET,
+    _IMAGE_TYPE,
+    _SOP_CLASS_UID,
+    _ACQUISITION_DATE_TIME,
+    _ACQUISITION_TIME,
+    _MODALITY,
+    _MANUFACTURER,
+    _SERIES_DESCRIPTION,
+    _MANUFACTURERS_MODEL_NAME,
+    _SLICE_THICKNESS,
+    _REPETITION_TIME,
+    _ECHO_TIME,
+    _ECHO_NUMBERS,
+    _MAGNETIC_FIELD_STRENGTH,
+    _PROTOCOL_NAME,
+    _FLIP_ANGLE,
+    _SERIES_NUMBER,
+    _INSTANCE_NUMBER,
+    _IMAGE_ORIENTATION_PATIENT,
+    _NUMBER_OF_FRAMES,
+    _ROWS,
+    _COLUMNS,
+    _SHARED_FUNCTIONAL_GROUPS,
+]
+
+# Storage SOP Classes that carry pixel data but are not images of the patient to make a
+# volume of (PS3.3 A.51: a segmentation is labels over another series' images).
+_NON_IMAGE_PIXEL_CLASSES: Final = frozenset({sop.SegmentationStorage})
+
+_FLOAT_VRS: Final = {"FD": "d", "FL": "f"}
+
+
+def _floats(values: _Values, tag: int) -> list[float]:
+    """The element's numbers: DS/IS text or FD/FL binary; [] when absent or malformed."""
+    element = values.elements.get(tag)
+    if element is None or element.value is None:
+        return []
+    raw = element.value
+    vr = values._vr(element)
+    if isinstance(element, RawDataElement) and isinstance(raw, bytes) and vr in _FLOAT_VRS:
+        code = _FLOAT_VRS[vr]
+        width = struct.calcsize(code)
+        endian = "<" if element.is_little_endian else ">"
+        count = len(raw) // width
+        return [float(v) for v in struct.unpack(f"{endian}{count}{code}", raw[: count * width])]
+    numbers = []
+    for text in values.values(tag):
+        try:
+            number = float(text)
+        except ValueError:
+            return []
+        if not math.isfinite(number):
+            return []
+        numbers.append(number)
+    return numbers
+
+
+def _first_float(values: _Values, tag: int) -> float | None:
+    numbers = _floats(values, tag)
+    return numbers[0] if numbers else None
+
+
+def _item_values(values: _Values, *path: int) -> _Values | None:
+    """The first item at the end of a path of sequences (e.g. shared groups -> MR Echo)."""
+    current = values
+    for tag in path:
+        element = current.elements.get(tag)
+        sequence = element.value if element is not None else None
+        if not sequence or isinstance(sequence, str | bytes):
+            return None
+        item = sequence[0]
+        if not isinstance(item, Dataset):
+            return None
+        current = _Values(item)
+    return current
+
+
+def _from_shared_groups(values: _Values, group: int, tag: int) -> float | None:
+    item = _item_values(values, _SHARED_FUNCTIONAL_GROUPS, group)
+    return None if item is None else _first_float(item, tag)
+
+
+def _acquisition_time(values: _Values) -> str:
+    time_of_day = values.text(_ACQUISITION_TIME)
+    if time_of_day:
+        return time_of_day
+    # PS3.5 6.2 DT: YYYYMMDDHHMMSS.FFFFFF&ZZXX; the time of day follows the 8-digit date
+    date_time = values.text(_ACQUISITION_DATE_TIME)
+    return date_time[8:].split("+")[0].split("-")[0] if len(date_time) > 8 else ""
+
+
+def _acquisition_facts(values: _Values, image_type: tuple[str, ...]) -> AcquisitionFacts:
+    echo_time = _first_float(values, _ECHO_TIME)
+    if echo_time is None:
+        echo_time = _from_shared_groups(values, _MR_ECHO, _EFFECTIVE_ECHO_TIME)
+    repetition_time = _first_float(values, _REPETITION_TIME)
+    if repetition_time is None:
+        repetition_time = _from_shared_groups(
+            values, _MR_TIMING_AND_RELATED_PARAMETERS, _REPETITION_TIME
+        )
+    flip_angle = _first_float(values, _FLIP_ANGLE)
+    if flip_angle is None:
+        flip_angle = _from_shared_groups(values, _MR_TIMING_AND_RELATED_PARAMETERS, _FLIP_ANGLE)
+    slice_thickness = _first_float(values, _SLICE_THICKNESS)
+    if slice_thickness is None:
+        slice_thickness = _from_shared_groups(values, _PIXEL_MEASURES, _SLICE_THICKNESS)
+    return AcquisitionFacts(
+        modality=values.text(_MODALITY),
+        manufacturer=values.text(_MANUFACTURER),
+        manufacturers_model_name=values.text(_MANUFACTURERS_MODEL_NAME),
+        magnetic_field_strength_t=_first_float(values, _MAGNETIC_FIELD_STRENGTH),
+        echo_time_ms=echo_time,
+        repetition_time_ms=repetition_time,
+        flip_angle_degrees=flip_angle,
+        slice_thickness_mm=slice_thickness,
+        series_description=values.text(_SERIES_DESCRIPTION),
+        protocol_name=values.text(_PROTOCOL_NAME),
+        series_number=values.number(_SERIES_NUMBER),
+        acquisition_time=_acquisition_time(values),
+        image_type=image_type,
+    )
+
+
+def _parse_fact_tags(
+    data: bytes, start: int, implicit_vr: bool, little_endian: bool
+) -> tuple[Dataset, int | None]:
+    """Parse the data set in `data` from `start` with only _FACT_TAGS kept, up to its pixel
+    data or its Per-frame Functional Groups (megabytes, and nothing needed here); return it
+    and the tag it stopped at (None: it ran out of bytes first)."""
+    stopped_at: list[int] = []
+
+    def stop(tag: int, _vr: str | None, _length: int) -> bool:
+        number = int(tag)  # BaseTag compares in Python; int in C
+        if number == _PER_FRAME_FUNCTIONAL_GROUPS or number in _PIXEL_TAGS:
+            stopped_at.append(number)
+            return True
+        return False
+
+    source = io.BytesIO(data)
+    source.seek(start)
+    ds = read_dataset(source, implicit_vr, little_endian, stop_when=stop, specific_tags=_FACT_TAGS)
+    return ds, stopped_at[0] if stopped_at else None
+
+
+def _read_fact_header(path: Path) -> tuple[Dataset, _FileMeta, bool | None]:
+    """The data set of `path` up to its pixel data (see _parse_fact_tags), and whether a pixel
+    data element follows: None when the parse stopped at the Per-frame Functional Groups."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(_FACT_HEAD_LENGTH)
+        _check_prefix(data, size)
+        meta = _read_file_meta(fh, size, data)
+        if meta.transfer_syntax_uid == _DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            data, start, size = _inflate(fh, meta.end, size), 0, 0
+            implicit_vr, little_endian = False, True
+        else:
+            start = meta.end
+            implicit_vr = _first_element_is_implicit(
+                fh, meta.end, size, meta.transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN
+            )
+            little_endian = meta.transfer_syntax_uid != _EXPLICIT_VR_BIG_ENDIAN
+        # The header is parsed from bytes in memory (a file object costs system calls per
+        # element). Stopping at the pixel data proves every element before it was in those
+        # bytes; running out of them first (an element cut at their end reads short without
+        # an error) means the header goes on in the file: read more and parse again.
+        while True:
+            try:
+                ds, stopped_at = _parse_fact_tags(data, start, implicit_vr, little_endian)
+            except (*_PARSE_ERRORS, OSError) as exc:  # no I/O here: OSError is a parse error
+                if len(data) >= size:
+                    raise NotAcceptedError(
+                        f"pydicom cannot decode the header ({type(exc).__name__}): {_RESEND}"
+                    ) from exc
+                stopped_at = None
+            else:
+                if stopped_at is not None or len(data) >= size:
+                    break
+            fh.seek(len(data))
+            data += fh.read(len(data))
+    if stopped_at is None:
+        return ds, meta, False
+    return ds, meta, None if stopped_at == _PER_FRAME_FUNCTIONAL_GROUPS else True
+
+
+def _instance_facts(path: Path) -> InstanceFacts:
+    ds, meta, pixel_data_follows = _read_fact_header(path)
+    values = _Values(ds)
+    sop_class_uid = values.uid(_SOP_CLASS_UID) or meta.media_storage_sop_class_uid
+    rows = values.number(_ROWS)
+    if pixel_data_follows is None:
+        # the pixel data comes after the per-frame groups; ingest proved that an instance
+        # with Rows has it (see _check_complete)
+        pixel_data_follows = rows is not None
+    image_type = tuple(value.upper() for value in values.values(_IMAGE_TYPE))
+    orientation = _floats(values, _IMAGE_ORIENTATION_PATIENT)
+    echo_numbers = values.values(_ECHO_NUMBERS)
+    return InstanceFacts(
+        path=path,
+        sop_class_uid=sop_class_uid,
+        sop_class_name=UID(sop_class_uid).name if sop_class_uid else "no SOP Class UID",
+        image_storage=sop_class_uid not in _DIRECTORY_RECORD_TYPES
+        and sop_class_uid not in _NON_IMAGE_PIXEL_CLASSES,
+        has_pixel_data=pixel_data_follows,
+        image_type=image_type,
+        image_orientation=tuple(orientation) if len(orientation) == 6 else (),
+        rows=rows,
+        columns=values.number(_COLUMNS),
+        number_of_frames=values.number(_NUMBER_OF_FRAMES),
+        series_number=values.number(_SERIES_NUMBER),
+        instance_number=values.number(_INSTANCE_NUMBER),
+        echo_number=values.number(_ECHO_NUMBERS) if echo_numbers else None,
+        acquisition=_acquisition_facts(values, image_type),
+    )
+
+
+def read_series_facts(paths: tuple[Path, ...] | list[Path]) -> SeriesFacts:
+    """The facts of each file of one series (headers only; fast: no pixel data is read).
+
+    Raises NotAcceptedError naming the file when one is not DICOM or its header cannot be
+    decoded, IncompleteFileError when one is cut short, and OSError when one cannot be read.
+    """
+    instances = []
+    for path in paths:
+        try:
+            instances.append(_instance_facts(path))
+        except RejectedFileError as exc:
+            raise type(exc)(f"{path}: {exc.reason}") from None
+    return SeriesFacts(instances=tuple(instances))
+
+
+# --- pydicom's character set table -------------------------------------------------------
+
+
+def pydicom_character_sets() -> dict[str, str]:
+    """A copy of pydicom's table from Specific Character Set terms (PS3.3 C.12.1.1.2) to
+    Python codecs, to put back with restore_pydicom_character_sets after code that changes
+    it: importing dicom2nifti rewrites entries process-wide (ISO 2022 IR 159 to a codec that
+    cannot decode JIS X 0212, ISO 2022 IR 58 to another), which would change how this module
+    decodes names."""
+    from pydicom.charset import python_encoding
+
+    return dict(python_encoding)
+
+
+def restore_pydicom_character_sets(table: dict[str, str]) -> None:
+    """Make pydicom's character set table `table` again (see pydicom_character_sets)."""
+    from pydicom.charset import python_encoding
+
+    python_encoding.clear()
+    python_encoding.update(table)

@@ -931,3 +931,156 @@ def test_the_factory_writes_slices_one_spacing_apart_along_the_slice_normal(
     assert all(float(ds.SliceThickness) == 2.5 for ds in datasets)
     for index, ds in enumerate(datasets):
         assert np.array_equal(ds.pixel_array, pixel_pattern(64, 64, index))
+
+
+# --- series facts for NIfTI conversion ---------------------------------------------------
+# (read_series_facts is imported in each test: this section was added after the module's
+# import block, which other work owns)
+
+
+def test_series_facts_give_each_file_its_geometry_class_and_acquisition_values(
+    tmp_path: Path,
+) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    spec = SeriesSpec(
+        slices=3,
+        rows=32,
+        columns=48,
+        orientation="coronal",
+        series_number=12,
+        series_description="T2 cor",
+        slice_spacing=4.0,
+    )
+    paths = write_series(tmp_path, spec)
+
+    facts = read_series_facts(paths)
+
+    assert [instance.path for instance in facts.instances] == paths
+    first = facts.instances[0]
+    assert first.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4"
+    assert first.sop_class_name == "MR Image Storage"
+    assert first.image_storage
+    assert first.has_pixel_data
+    assert first.is_image
+    assert first.image_type == ("ORIGINAL", "PRIMARY", "M")
+    assert first.image_orientation == (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    assert (first.rows, first.columns, first.number_of_frames) == (32, 48, None)
+    assert first.series_number == 12
+    assert [instance.instance_number for instance in facts.instances] == [1, 2, 3]
+    assert first.echo_number is None
+    acquisition = first.acquisition
+    # DICOM's own units (PS3.3 C.8.3.1): milliseconds, tesla, millimetres
+    assert acquisition.echo_time_ms == 10.0
+    assert acquisition.repetition_time_ms == 500.0
+    assert acquisition.magnetic_field_strength_t == 1.5
+    assert acquisition.slice_thickness_mm == 4.0
+    assert acquisition.flip_angle_degrees is None  # the factory writes none
+    assert (acquisition.modality, acquisition.manufacturer) == ("MR", "DCMDB")
+    assert acquisition.manufacturers_model_name == "Factory"
+    assert acquisition.series_description == "T2 cor"
+    assert acquisition.series_number == 12
+    assert acquisition.image_type == ("ORIGINAL", "PRIMARY", "M")
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless],
+)
+def test_series_facts_read_every_transfer_syntax_the_archive_holds(
+    tmp_path: Path, transfer_syntax: str
+) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    spec = SeriesSpec(slices=2, orientation="sagittal", transfer_syntax=transfer_syntax)
+    facts = read_series_facts(write_series(tmp_path, spec))
+
+    for instance in facts.instances:
+        assert instance.is_image
+        assert instance.image_orientation == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+        assert (instance.rows, instance.columns) == (64, 64)
+        assert instance.acquisition.echo_time_ms == 10.0
+
+
+def test_series_facts_come_from_the_header_alone_even_when_the_pixels_are_cut_short(
+    tmp_path: Path,
+) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    path = one_file(tmp_path, rows=256, columns=256)
+    short = cut(path, value_offset(path, "PixelData") + 100)
+
+    (instance,) = read_series_facts([short]).instances
+
+    assert instance.has_pixel_data
+    assert (instance.rows, instance.columns) == (256, 256)
+
+
+def test_series_facts_read_a_header_longer_than_the_first_bytes_read(tmp_path: Path) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    dataset = make_dataset(SeriesSpec(series_number=5), 0)
+    # a large private element before the pixel data, as Siemens CSA headers are
+    dataset.add_new(0x00291010, "OB", b"\x01" * 300_000)
+    dataset.add_new(0x00291011, "LO", "after the large element")
+    dataset.FlipAngle = "12"  # (0018,1314): parsed before the large element
+    dataset.SharedFunctionalGroupsSequence = []  # (5200,9229): after it
+    path = write(tmp_path, dataset)
+
+    (instance,) = read_series_facts([path]).instances
+
+    assert instance.has_pixel_data
+    assert instance.series_number == 5
+    assert instance.acquisition.flip_angle_degrees == 12.0
+
+
+@pytest.mark.parametrize(
+    ("name", "class_name", "has_pixel_data"),
+    [
+        ("test-SR.dcm", "Comprehensive SR Storage", False),
+        ("rtplan.dcm", "RT Plan Storage", False),
+        ("rtdose.dcm", "RT Dose Storage", True),
+        ("waveform_ecg.dcm", "12-lead ECG Waveform Storage", False),
+        ("liver_1frame.dcm", "Segmentation Storage", True),
+    ],
+)
+def test_series_facts_tell_reports_plans_doses_waveforms_and_segmentations_from_images(
+    name: str, class_name: str, has_pixel_data: bool
+) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    (instance,) = read_series_facts([fixture_dir_file(f"pydicom_edge_cases/In/{name}")]).instances
+
+    assert instance.sop_class_name == class_name
+    assert instance.has_pixel_data is has_pixel_data
+    assert not instance.image_storage
+    assert not instance.is_image
+
+
+def test_series_facts_of_enhanced_multiframe_take_timing_from_the_shared_groups() -> None:
+    from daemon.dicomfile import read_series_facts
+
+    paths = sorted((fixtures_dir() / "dcm_qa_enh_siemens" / "In").rglob("*.dcm"))
+
+    facts = read_series_facts(paths)
+
+    for instance in facts.instances:
+        assert instance.sop_class_name == "Enhanced MR Image Storage"
+        assert instance.is_image  # its pixel data lies beyond the per-frame groups
+        assert instance.number_of_frames == 6
+        assert instance.image_orientation == ()  # in the functional groups, not read
+        # PS3.3 C.8.13.5.2: MR Timing and Related Parameters, in the Shared Functional Groups
+        assert instance.acquisition.repetition_time_ms == 500.0
+        assert instance.acquisition.flip_angle_degrees == 52.0
+        assert instance.acquisition.acquisition_time.startswith("0836")  # one a volume
+
+
+def test_series_facts_name_the_file_that_is_not_dicom(tmp_path: Path) -> None:
+    from daemon.dicomfile import read_series_facts
+
+    good = one_file(tmp_path)
+    notes = tmp_path / "README.txt"
+    notes.write_text("series notes\n" * 20)
+
+    with pytest.raises(NotAcceptedError, match=r"README\.txt"):
+        read_series_facts([good, notes])
