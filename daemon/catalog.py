@@ -6,6 +6,7 @@ holds a read-write connection; readers (status, check) open their own.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import uuid
@@ -22,6 +23,7 @@ from daemon.model import (
     DirectoryStudy,
     FileSetContents,
     InstanceHeader,
+    fold_case,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,41 @@ MIGRATIONS: tuple[str, ...] = (
         value INTEGER NOT NULL
     );
     """,
+    # v2: NIfTI conversion. A study's NIfTI folder name is chosen once and kept; a series'
+    # row says what its NIfTI files show (series_received_at: the series' last_received_at
+    # when it was converted) so a series that grew is converted again.
+    """
+    CREATE TABLE nifti_studies (
+        study_row_id INTEGER PRIMARY KEY REFERENCES studies(id),
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        dir_name TEXT NOT NULL,
+        name_key TEXT NOT NULL,                    -- case-insensitive identity (SMB clients)
+        UNIQUE (folder_id, name_key)
+    );
+    CREATE TABLE conversions (
+        series_row_id INTEGER PRIMARY KEY REFERENCES series(id),
+        study_row_id INTEGER NOT NULL REFERENCES studies(id),
+        stem TEXT NOT NULL,
+        stem_key TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'converted', 'skipped', 'failed')),
+        reason TEXT NOT NULL DEFAULT '',
+        engine TEXT NOT NULL DEFAULT '',
+        engine_version TEXT NOT NULL DEFAULT '',
+        outputs TEXT NOT NULL DEFAULT '[]',       -- JSON list of paths below the folder
+        series_received_at REAL,                   -- what the outputs show (see above)
+        attempts INTEGER NOT NULL DEFAULT 0,       -- tries for this series_received_at
+        started_at REAL,
+        finished_at REAL,
+        UNIQUE (study_row_id, stem_key)
+    );
+    CREATE INDEX conversions_by_state ON conversions (state, finished_at);
+    CREATE TABLE job_runs (
+        name TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        result TEXT NOT NULL DEFAULT ''
+    );
+    """,
 )
 
 
@@ -174,6 +211,68 @@ class CatalogSummary:
 
 
 NameIsFree = Callable[[str], bool]
+
+
+_STUDY_FIELDS = (
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "StudyID",
+    "AccessionNumber",
+)
+_SERIES_FIELDS = ("SeriesNumber", "SeriesDescription", "Modality")
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesToConvert:
+    """A series due for conversion, with what its NIfTI names are made of (DICOM keywords,
+    as `[convert]` templates name them)."""
+
+    series_row_id: int
+    study_row_id: int
+    folder_id: int
+    folder_name: str
+    series_instance_uid: str
+    last_received_at: float
+    study_fields: dict[str, str]
+    series_fields: dict[str, str | int | None]
+    outputs: tuple[str, ...]  # what the last conversion placed, below the folder
+
+
+@dataclass(frozen=True, slots=True)
+class StudyConversion:
+    series_number: int | None
+    series_description: str
+    modality: str
+    stem: str
+    state: str
+    reason: str
+    outputs: tuple[str, ...]
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionFailure:
+    folder_name: str
+    series_instance_uid: str
+    stem: str
+    reason: str
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionSummary:
+    counts: dict[str, int]
+    latest_failures: tuple[ConversionFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    started_at: float
+    finished_at: float | None
+    result: str
 
 
 class Catalog:
@@ -709,6 +808,231 @@ class Catalog:
             " WHERE name = ?",
             (now, content_at, folder_name),
         )
+
+    # ---- NIfTI conversion ----------------------------------------------------------------
+
+    def series_to_convert(
+        self,
+        now: float,
+        settle_seconds: float,
+        max_attempts: int,
+        *,
+        folder_name: str | None = None,
+        series_instance_uid: str | None = None,
+    ) -> list[SeriesToConvert]:
+        """Series whose NIfTI is missing or behind, oldest arrival first.
+
+        The catch-up rule: quiet for settle_seconds, and never converted, or converted from
+        fewer instances than it has now, or left pending by a run that was killed, or failed
+        fewer than max_attempts times with its current instances. Naming a series converts it
+        whatever its state (an admin's retry).
+        """
+        where = ["1"]
+        params: list[object] = []
+        if series_instance_uid is not None:
+            where.append("se.series_instance_uid = ?")
+            params.append(series_instance_uid)
+        else:
+            where.append("se.last_received_at <= ?")
+            params.append(now - settle_seconds)
+            where.append(
+                "(c.state IS NULL OR c.state = 'pending'"
+                " OR c.series_received_at IS NOT se.last_received_at"
+                " OR (c.state = 'failed' AND c.attempts < ?))"
+            )
+            params.append(max_attempts)
+        if folder_name is not None:
+            where.append("f.name = ?")
+            params.append(folder_name)
+        rows = self._db.execute(
+            "SELECT se.id, st.id, f.id, f.name, se.series_instance_uid, se.last_received_at,"
+            " p.patient_id, p.patient_name, st.study_date, st.study_time, st.study_description,"
+            " st.study_id, st.accession_number, se.series_number, se.series_description,"
+            " se.modality, c.outputs"
+            " FROM series se JOIN studies st ON st.id = se.study_row_id"
+            " JOIN patients p ON p.id = st.patient_row_id JOIN folders f ON f.id = st.folder_id"
+            " LEFT JOIN conversions c ON c.series_row_id = se.id"
+            f" WHERE {' AND '.join(where)} ORDER BY se.last_received_at, se.id",
+            params,
+        ).fetchall()
+        return [
+            SeriesToConvert(
+                series_row_id=row[0],
+                study_row_id=row[1],
+                folder_id=row[2],
+                folder_name=row[3],
+                series_instance_uid=row[4],
+                last_received_at=row[5],
+                study_fields=dict(zip(_STUDY_FIELDS, row[6:13], strict=True)),
+                series_fields=dict(zip(_SERIES_FIELDS, row[13:16], strict=True)),
+                outputs=tuple(json.loads(row[16])) if row[16] else (),
+            )
+            for row in rows
+        ]
+
+    def series_files(self, series_row_id: int) -> list[str]:
+        """File IDs (below the folder) of the series' instances in place, in Instance Number
+        order."""
+        rows = self._db.execute(
+            "SELECT rel_path FROM instances i WHERE series_row_id = ?"
+            " AND NOT EXISTS (SELECT 1 FROM ingest_journal j WHERE j.instance_row_id = i.id)"
+            " ORDER BY instance_number IS NULL, instance_number, id",
+            (series_row_id,),
+        )
+        return [rel_path for (rel_path,) in rows]
+
+    def nifti_study_dir(self, series: SeriesToConvert, name_for: Callable[[int], str]) -> str:
+        """The study's NIfTI folder name: chosen once (name_for(attempt) until one is free in
+        the physician folder, case-insensitively), then kept."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT dir_name FROM nifti_studies WHERE study_row_id = ?",
+                (series.study_row_id,),
+            ).fetchone()
+            if row:
+                return str(row[0])
+            attempt = 0
+            while True:
+                name = name_for(attempt)
+                try:
+                    self._db.execute(
+                        "INSERT INTO nifti_studies (study_row_id, folder_id, dir_name, name_key)"
+                        " VALUES (?, ?, ?, ?)",
+                        (series.study_row_id, series.folder_id, name, fold_case(name)),
+                    )
+                except sqlite3.IntegrityError:
+                    attempt += 1
+                    continue
+                return name
+
+    def begin_conversion(
+        self, series: SeriesToConvert, stem_for: Callable[[int], str], now: float
+    ) -> str:
+        """Mark the series pending (a killed run leaves it so: converted again next time) and
+        return its output name stem, chosen once per series and free in its study."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT stem FROM conversions WHERE series_row_id = ?", (series.series_row_id,)
+            ).fetchone()
+            if row:
+                self._db.execute(
+                    "UPDATE conversions SET state = 'pending', started_at = ?"
+                    " WHERE series_row_id = ?",
+                    (now, series.series_row_id),
+                )
+                return str(row[0])
+            attempt = 0
+            while True:
+                stem = stem_for(attempt)
+                try:
+                    self._db.execute(
+                        "INSERT INTO conversions (series_row_id, study_row_id, stem, stem_key,"
+                        " state, started_at) VALUES (?, ?, ?, ?, 'pending', ?)",
+                        (series.series_row_id, series.study_row_id, stem, fold_case(stem), now),
+                    )
+                except sqlite3.IntegrityError:
+                    attempt += 1
+                    continue
+                return stem
+
+    def finish_conversion(
+        self,
+        series: SeriesToConvert,
+        state: str,
+        reason: str,
+        engine: str,
+        engine_version: str,
+        outputs: list[str],
+        now: float,
+    ) -> None:
+        """Record what the conversion of the series as of series.last_received_at gave.
+
+        attempts counts failures in a row with the same instances (a series that grew starts
+        again at 1); success or a skip resets it.
+        """
+        self._db.execute(
+            "UPDATE conversions SET state = ?, reason = ?, engine = ?, engine_version = ?,"
+            " outputs = ?, finished_at = ?,"
+            " attempts = CASE WHEN ? != 'failed' THEN 0"
+            "  WHEN series_received_at IS ? THEN attempts + 1 ELSE 1 END,"
+            " series_received_at = ? WHERE series_row_id = ?",
+            (
+                state,
+                reason,
+                engine,
+                engine_version,
+                json.dumps(sorted(outputs)),
+                now,
+                state,
+                series.last_received_at,
+                series.last_received_at,
+                series.series_row_id,
+            ),
+        )
+
+    def study_conversions(self, study_row_id: int) -> list[StudyConversion]:
+        """Every series of the study with what its conversion gave, in series order."""
+        rows = self._db.execute(
+            "SELECT se.series_number, se.series_description, se.modality,"
+            " coalesce(c.stem, ''), coalesce(c.state, 'pending'), coalesce(c.reason, ''),"
+            " coalesce(c.outputs, '[]'), (SELECT count(*) FROM instances i"
+            "  WHERE i.series_row_id = se.id)"
+            " FROM series se LEFT JOIN conversions c ON c.series_row_id = se.id"
+            " WHERE se.study_row_id = ? ORDER BY se.series_number IS NULL, se.series_number,"
+            " se.id",
+            (study_row_id,),
+        )
+        return [
+            StudyConversion(
+                number,
+                description,
+                modality,
+                stem,
+                state,
+                reason,
+                tuple(json.loads(outputs)),
+                instances,
+            )
+            for number, description, modality, stem, state, reason, outputs, instances in rows
+        ]
+
+    def conversion_summary(self, latest: int = 5) -> ConversionSummary:
+        """Series per conversion state (never tried counts as pending) and the latest
+        failures."""
+        counts = {"pending": 0, "converted": 0, "skipped": 0, "failed": 0}
+        for state, number in self._db.execute(
+            "SELECT coalesce(c.state, 'pending'), count(*) FROM series se"
+            " LEFT JOIN conversions c ON c.series_row_id = se.id GROUP BY 1"
+        ):
+            counts[state] = number
+        failures = self._db.execute(
+            "SELECT f.name, se.series_instance_uid, c.stem, c.reason, c.finished_at"
+            " FROM conversions c JOIN series se ON se.id = c.series_row_id"
+            " JOIN studies st ON st.id = se.study_row_id JOIN folders f ON f.id = st.folder_id"
+            " WHERE c.state = 'failed' ORDER BY c.finished_at DESC LIMIT ?",
+            (latest,),
+        ).fetchall()
+        return ConversionSummary(
+            counts=counts, latest_failures=tuple(ConversionFailure(*row) for row in failures)
+        )
+
+    # ---- scheduled jobs ------------------------------------------------------------------
+
+    def record_job_run(
+        self, name: str, started_at: float, finished_at: float | None, result: str
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO job_runs (name, started_at, finished_at, result) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at,"
+            " finished_at = excluded.finished_at, result = excluded.result",
+            (name, started_at, finished_at, result),
+        )
+
+    def last_job_run(self, name: str) -> JobRun | None:
+        row = self._db.execute(
+            "SELECT started_at, finished_at, result FROM job_runs WHERE name = ?", (name,)
+        ).fetchone()
+        return JobRun(*row) if row else None
 
 
 NameFn = Callable[[str, int], str]

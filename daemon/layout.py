@@ -16,6 +16,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from daemon.model import NAME_MAX_BYTES, WINDOWS_DEVICE_NAMES, fold_case, person_name_key
 
@@ -24,6 +25,7 @@ __all__ = [
     "alias_lookup",
     "file_id_component",
     "folder_key",
+    "nifti_name",
     "physician_folder_name",
 ]
 
@@ -220,3 +222,48 @@ def file_id_component(uid: str, attempt: int = 0) -> str:
     # PS3.10 8.2: 8 characters, all of them in A-Z 0-9 (base32 uses A-Z and 2-7). Five bytes
     # are exactly eight base32 characters: the same as cutting the full encoding, but cheaper.
     return base64.b32encode(digest[:5]).decode("ascii")
+
+
+# NIfTI study folders and series file names: short enough that "<series>_<suffix>.nii.gz"
+# stays under NAME_MAX and under Windows' 260-character paths for an ordinary share root.
+NIFTI_NAME_MAX_LENGTH = 100
+
+
+class _Blank:
+    """An absent template field: formats as "" whatever the format spec ({SeriesNumber:03d})."""
+
+    def __format__(self, format_spec: str) -> str:
+        return ""
+
+
+def nifti_name(
+    template: str,
+    fields: Mapping[str, str | int | None],
+    *,
+    fallback: str,
+    attempt: int = 0,
+    max_length: int = NIFTI_NAME_MAX_LENGTH,
+) -> str:
+    """A NIfTI study folder or series file name from a `[convert]` template.
+
+    Values are DICOM text: '^' (the PN component separator) becomes ' ', an empty or absent
+    value formats as "" (its separators are then stripped like a folder name's), and the
+    result is made safe exactly like a physician folder name (see `physician_folder_name`).
+    A name that cleans to nothing is `fallback`. Attempt n > 0 (the name was taken) appends
+    "_<n + 1>", cutting the name to make room: "001_T1" -> "001_T1_2".
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be 0 or more, not {attempt}")
+    values: dict[str, Any] = {}
+    for key, value in fields.items():
+        if value is None or value == "":
+            values[key] = _Blank()
+        elif isinstance(value, str):
+            values[key] = value.replace("^", " ").strip()
+        else:
+            values[key] = value
+    name = _safe_name(template.format(**values), max_length) or fallback
+    if attempt == 0:
+        return name
+    suffix = f"_{attempt + 1}"
+    return _safe_name(name, max_length - len(suffix)) + suffix
