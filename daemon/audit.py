@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.catalog import Catalog
+from daemon.catalog import Catalog, JobRun
 from daemon.config import PathsConfig
+from daemon.convert import CONVERT_JOB
 from daemon.dicomdir import DICOMDIR, DicomdirReadError, read_dicomdir_references
 from daemon.fsops import TEMP_PREFIX
 from daemon.ingest import is_ignored_name
@@ -131,6 +133,8 @@ def count_incoming(incoming: Path) -> int:
 
 def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
     summary = catalog.summary()
+    conversions = catalog.conversion_summary()
+    last_run = catalog.last_job_run(CONVERT_JOB)
     disk = shutil.disk_usage(paths.archive)
     return {
         "instances": summary.instances,
@@ -149,6 +153,20 @@ def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
             "free_bytes": disk.free,
             "free_percent": round(100.0 * disk.free / disk.total, 1) if disk.total else 0.0,
         },
+        "conversions": {
+            **conversions.counts,
+            "last_run": _job_run_text(last_run),
+            "latest_failures": [
+                {
+                    "folder": failure.folder_name,
+                    "series": failure.stem,
+                    "series_instance_uid": failure.series_instance_uid,
+                    "reason": failure.reason,
+                    "at": _local_time(failure.finished_at),
+                }
+                for failure in conversions.latest_failures
+            ],
+        },
         "folders": {
             folder.name: {
                 "instances": folder.instances,
@@ -159,3 +177,18 @@ def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
             for folder in summary.folders
         },
     }
+
+
+def _local_time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _job_run_text(run: JobRun | None) -> str:
+    """ "2026-11-21T05:00:02+01:00: 12 series due: converted 11, ..." or ""."""
+    if run is None:
+        return ""
+    if run.finished_at is None:
+        return f"{_local_time(run.started_at)}: {run.result or 'running'}"
+    return f"{_local_time(run.finished_at)}: {run.result}"

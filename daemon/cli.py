@@ -16,9 +16,11 @@ from daemon.audit import check_archive, status_report
 from daemon.catalog import Catalog, CatalogError
 from daemon.config import EX_CONFIG, Config, ConfigError, find_config_file, load_config
 from daemon.config import render_config as render_effective_config
+from daemon.convert import ConversionBusyError, run_conversions
 from daemon.dicomdir import UnknownFolderError, rewrite_due_folders, rewrite_folder
 from daemon.ingest import ParallelReader, effective_workers, ingest_paths, is_ignored_name
 from daemon.model import IngestResult, Outcome
+from daemon.nifti import EngineNotFoundError
 from daemon.service import ServiceError, open_archiver, run_daemon
 
 logger = logging.getLogger("dcmdb")
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         return int(args.handler(config, args))
-    except (ServiceError, CatalogError) as exc:
+    except (ServiceError, CatalogError, ConversionBusyError, EngineNotFoundError) as exc:
         print(f"dcmdb: {exc}", file=sys.stderr)
         return EX_FAILURE
 
@@ -89,12 +91,27 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every physician folder")
     dicomdir.set_defaults(handler=_dicomdir)
 
+    convert = commands.add_parser(
+        "convert",
+        help="run the NIfTI conversion job now: every series quiet for convert.settle_minutes "
+        "with no current NIfTI",
+    )
+    convert.add_argument("--folder", metavar="NAME", help="only this physician folder")
+    convert.add_argument(
+        "--series",
+        metavar="UID",
+        help="convert this series (SeriesInstanceUID) now, whatever its state: a retry",
+    )
+    convert.set_defaults(handler=_convert)
+
     check_config = commands.add_parser(
         "check-config", help="validate the config and print the effective settings"
     )
     check_config.set_defaults(handler=_check_config)
     return parser
 
+
+_CONVERSION_STATES = ("converted", "skipped", "failed", "pending")
 
 _SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
@@ -180,6 +197,14 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         f"disk        {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])} "
         f"({disk['free_percent']}%)"
     )
+    conversions = report["conversions"]
+    print(
+        "nifti       "
+        + ", ".join(f"{conversions[state]} {state}" for state in _CONVERSION_STATES)
+        + f"; last run: {conversions['last_run'] or 'never'}"
+    )
+    for failure in conversions["latest_failures"]:
+        print(f"  failed: {failure['folder']} / {failure['series']}: {failure['reason']}")
     if report["folders"]:
         print()
         print(f"{'folder':<40} {'studies':>8} {'series':>8} {'instances':>10} {'size':>10}")
@@ -249,6 +274,34 @@ def _dicomdir(config: Config, args: argparse.Namespace) -> int:
     finally:
         catalog.close()
     return EX_OK
+
+
+def _convert(config: Config, args: argparse.Namespace) -> int:
+    catalog = Catalog(config.paths.state)
+    try:
+        known = catalog.folder_names()
+    finally:
+        catalog.close()
+    if args.folder is not None and args.folder not in known:
+        print(f"dcmdb: no physician folder named {args.folder!r} in the catalog", file=sys.stderr)
+        print(f"  known folders: {', '.join(known) or 'none'}", file=sys.stderr)
+        return EX_FAILURE
+    run = run_conversions(
+        config.convert,
+        config.paths,
+        folder_name=args.folder,
+        series_instance_uid=args.series,
+    )
+    if args.series is not None and run.due == 0:
+        print(f"dcmdb: no series {args.series} in the catalog", file=sys.stderr)
+        return EX_FAILURE
+    print(f"{run.describe()} in {run.finished_at - run.started_at:.1f} s")
+    if run.due == 0 and args.series is None:
+        print(
+            f"nothing due: every series quiet for {config.convert.settle_minutes:g} minutes "
+            "has a current NIfTI (see `dcmdb status`)"
+        )
+    return EX_FAILURE if run.counts["failed"] else EX_OK
 
 
 def _ingest(config: Config, args: argparse.Namespace) -> int:

@@ -17,9 +17,11 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.catalog import Catalog
-from daemon.config import Config, DicomdirConfig, PathsConfig
+from daemon.config import Config, ConvertConfig, DicomdirConfig, PathsConfig
+from daemon.convert import CONVERT_JOB, ConversionBusyError, run_conversions
 from daemon.dicomdir import rewrite_due_folders
 from daemon.ingest import Archiver, IngestWorker, ParallelReader, effective_workers
+from daemon.schedule import WallClockCronTrigger, run_was_missed
 from daemon.watcher import IncomingWatcher
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def open_archiver(config: Config, *, keep_source: bool = False) -> Iterator[Arch
         catalog.close()
 
 
-def start_scheduler(config: Config) -> BackgroundScheduler:
+def start_scheduler(config: Config, stop: threading.Event) -> BackgroundScheduler:
     """The scheduled jobs. Each is a catch-up over the catalog, so a run missed while the
     daemon was down costs nothing: the first run, at start-up, does the work."""
     scheduler = BackgroundScheduler(
@@ -77,8 +79,45 @@ def start_scheduler(config: Config) -> BackgroundScheduler:
         name="rewrite DICOMDIRs of changed folders",
         next_run_time=datetime.now(UTC),
     )
+    if config.convert.enabled:
+        trigger = WallClockCronTrigger(config.convert.schedule, config.convert.tzinfo)
+        missed = conversion_run_missed(config, trigger, datetime.now(UTC))
+        scheduler.add_job(
+            _convert_job,
+            trigger,
+            args=[config.convert, config.paths, stop],
+            id=CONVERT_JOB,
+            name="convert series to NIfTI",
+            # A run the schedule wanted while the daemon was down happens now.
+            **({"next_run_time": datetime.now(UTC)} if missed else {}),
+        )
+        logger.info(
+            "conversion scheduled %s%s",
+            trigger,
+            ": a missed run starts now" if missed else "",
+        )
     scheduler.start()
     return scheduler
+
+
+def conversion_run_missed(config: Config, trigger: WallClockCronTrigger, now: datetime) -> bool:
+    """Whether the conversion schedule fired since the last run started (or never ran)."""
+    catalog = Catalog(config.paths.state)
+    try:
+        last = catalog.last_job_run(CONVERT_JOB)
+    finally:
+        catalog.close()
+    started = None if last is None else datetime.fromtimestamp(last.started_at, UTC)
+    return run_was_missed(trigger, started, now)
+
+
+def _convert_job(settings: ConvertConfig, paths: PathsConfig, stop: threading.Event) -> None:
+    try:
+        run_conversions(settings, paths, stop=stop)
+    except ConversionBusyError as exc:
+        logger.warning("scheduled conversion skipped: %s", exc)
+    except Exception:  # the job's boundary: log it, the next run tries again
+        logger.exception("the conversion run failed; the next scheduled run retries")
 
 
 def _dicomdir_check_interval(settings: DicomdirConfig) -> float:
@@ -136,7 +175,7 @@ def run_daemon(config: Config) -> int:
         watcher = IncomingWatcher(config.paths.incoming, worker.offer, config.ingest)
         worker.start()
         watcher.start()
-        scheduler = start_scheduler(config)
+        scheduler = start_scheduler(config, stop.event)
         logger.info(
             "dcmdb running: incoming %s (%s), archive %s, config %s",
             config.paths.incoming,
