@@ -96,6 +96,9 @@ class SeriesSpec:
     specific_character_set: str | None = None  # e.g. "ISO_IR 100", "\\ISO 2022 IR 87"
     study_date: str = "20260101"
     transfer_syntax: str = ExplicitVRLittleEndian
+    # "pattern": `pixel_pattern`, exact and checkable; "phantom": an MR-like head with noise,
+    # which compresses like scanner data does (benchmarks of gzip'd NIfTI need that).
+    texture: Literal["pattern", "phantom"] = "pattern"
 
 
 def slice_normal(orientation: Orientation) -> np.ndarray:
@@ -123,6 +126,19 @@ def pixel_pattern(rows: int, columns: int, index: int) -> np.ndarray:
     wrapped into 0..32767, so every slice differs and a transposed or flipped image is caught."""
     base = _base_pattern(rows, columns)
     return ((base.astype(np.int32) + 1000 * index) % 32768).astype(np.int16)
+
+
+def phantom_slice(spec: SeriesSpec, index: int) -> np.ndarray:
+    """Slice `index` of an ellipsoid "head" (tissue rings around 600-900) in noise, 12-bit like
+    MR; the same for the same spec and index."""
+    rng = np.random.default_rng(index)
+    rows = (np.arange(spec.rows) - spec.rows / 2) / (0.42 * spec.rows)
+    columns = (np.arange(spec.columns) - spec.columns / 2) / (0.36 * spec.columns)
+    depth = (index - spec.slices / 2) / (0.48 * max(spec.slices, 1))
+    radius = np.sqrt(rows[:, None] ** 2 + columns[None, :] ** 2 + depth**2)
+    tissue = np.where(radius < 1.0, 750 + 150 * np.cos(9.0 * radius), 0.0)
+    noise = np.abs(rng.normal(0.0, 18.0, (spec.rows, spec.columns)))
+    return np.clip(tissue + noise, 0, 4095).astype(np.int16)
 
 
 def _base_pattern(rows: int, columns: int) -> np.ndarray:
@@ -263,6 +279,8 @@ class _SeriesTemplate:
         return ds
 
     def pixels(self, index: int) -> np.ndarray:
+        if self.spec.texture == "phantom":
+            return phantom_slice(self.spec, index).astype(self._pixel_dtype)
         values = (self._base_pixels + 1000 * index) % 32768
         return values.astype(self._pixel_dtype)
 
