@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import dicomdir, ingest
+from bench import convert, dicomdir, ingest
 
 
 def main() -> None:
@@ -14,12 +14,18 @@ def main() -> None:
     parser.add_argument(
         "--dicomdir-instances", type=int, default=100_000, help="dicomdir: folder size"
     )
-    parser.add_argument("--only", choices=["ingest", "dicomdir"], help="run one benchmark")
+    parser.add_argument("--convert-series", type=int, default=20, help="convert: series")
+    parser.add_argument("--convert-slices", type=int, default=100, help="convert: slices each")
+    parser.add_argument(
+        "--only", choices=["ingest", "dicomdir", "convert"], help="run one benchmark"
+    )
     args = parser.parse_args()
     if args.only in (None, "ingest"):
         ingest.run(instances=args.instances, trickle=args.trickle)
     if args.only in (None, "dicomdir"):
         dicomdir.run(instances=args.dicomdir_instances)
+    if args.only in (None, "convert"):
+        convert.run(series=args.convert_series, slices=args.convert_slices)
 
 
 if __name__ == "__main__":
