@@ -296,6 +296,8 @@ def _convert(config: Config, args: argparse.Namespace) -> int:
         print(f"dcmdb: no series {args.series} in the catalog", file=sys.stderr)
         return EX_FAILURE
     print(f"{run.describe()} in {run.finished_at - run.started_at:.1f} s")
+    if run.worker_peak_rss:
+        print(run.describe_memory())
     if run.due == 0 and args.series is None:
         print(
             f"nothing due: every series quiet for {config.convert.settle_minutes:g} minutes "

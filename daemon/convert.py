@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import queue
 import resource
+import select
 import shutil
 import signal
 import threading
@@ -75,11 +76,21 @@ class ConversionRun:
         default_factory=lambda: {"converted": 0, "skipped": 0, "failed": 0}
     )
     stopped: bool = False  # stopped before every due series was done: they stay pending
+    # Peak resident memory of each worker process, in bytes: what convert.memory_limit and
+    # convert.workers must leave room for. (An engine's own peak is not reported: on Linux a
+    # child's ru_maxrss includes the worker's pages it shared between fork and exec.)
+    worker_peak_rss: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         done = ", ".join(f"{state} {number}" for state, number in self.counts.items())
         tail = " (stopped early: the rest stay pending)" if self.stopped else ""
         return f"{self.due} series due: {done}{tail}"
+
+    def describe_memory(self) -> str:
+        if not self.worker_peak_rss:
+            return ""
+        workers = ", ".join(f"{rss / 2**20:.0f} MiB" for rss in self.worker_peak_rss)
+        return f"peak memory of the workers: {workers}"
 
 
 def run_conversions(
@@ -142,12 +153,13 @@ def _run(
                 jobs.place(series, outcome)
                 run.counts[outcome.state] += 1
                 touched_studies[series.study_row_id] = jobs.study_dir(series)
+        run.worker_peak_rss = sorted(pool.worker_peak_rss.values(), reverse=True)
         for study_row_id, study_dir in touched_studies.items():
             _write_report(study_dir, catalog.study_conversions(study_row_id), now())
         run.stopped = stop.is_set()
     run.finished_at = now()
     catalog.record_job_run(CONVERT_JOB, run.started_at, run.finished_at, run.describe())
-    logger.info("conversion run finished: %s", run.describe())
+    logger.info("conversion run finished: %s. %s", run.describe(), run.describe_memory())
     return run
 
 
@@ -330,6 +342,7 @@ class ConversionPool:
         self._timeout_seconds = timeout_seconds
         self._processes: list[_WorkerProcess] = []
         self._lock = threading.Lock()
+        self.worker_peak_rss: dict[int, int] = {}  # worker pid -> bytes
 
     def __enter__(self) -> ConversionPool:
         return self
@@ -362,6 +375,8 @@ class ConversionPool:
                         worker = self._start_worker()
                     key, request = job
                     outcome, healthy = worker.convert(request, self._timeout_seconds, stop)
+                    with self._lock:
+                        self.worker_peak_rss[worker.pid] = worker.peak_rss
                     if not healthy:
                         self._forget(worker)
                         worker = None
@@ -398,19 +413,30 @@ class ConversionPool:
                 self._processes.remove(worker)
 
 
+def _worker_context() -> multiprocessing.context.ForkServerContext:
+    """Workers are forked by a fork server, a single-threaded process that imported this
+    module once: a worker starts in milliseconds instead of importing numpy, nibabel and
+    pydicom again (about a second each), and never inherits the daemon's threads, as a plain
+    fork would. The fork server ends with the daemon."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class _WorkerProcess:
     def __init__(self, memory_limit_bytes: int) -> None:
-        context = multiprocessing.get_context("spawn")
+        context = _worker_context()
         self._connection, child_end = context.Pipe()
         self._process: BaseProcess = context.Process(
             target=_worker_main,
-            args=(child_end, memory_limit_bytes),
+            args=(child_end, memory_limit_bytes, os.getpid()),
             name="dcmdb-convert",
             daemon=True,
         )
         self._process.start()
         child_end.close()
-        self._memory_limit_bytes = memory_limit_bytes
+        self.pid = self._process.pid or 0
+        self.peak_rss = 0
 
     def convert(
         self, request: ConversionRequest, timeout_seconds: float, stop: threading.Event
@@ -433,7 +459,7 @@ class _WorkerProcess:
                     False,
                 )
         try:
-            outcome: ConversionOutcome = self._connection.recv()
+            outcome, self.peak_rss = self._connection.recv()
         except (EOFError, OSError):
             return _failed(request, self._death_reason()), False
         return outcome, True
@@ -467,13 +493,13 @@ def _failed(request: ConversionRequest, reason: str) -> ConversionOutcome:
     )
 
 
-def _worker_main(connection: Connection, memory_limit_bytes: int) -> None:
+def _worker_main(connection: Connection, memory_limit_bytes: int, owner_pid: int) -> None:
     """A conversion worker: its own session (so the pool can kill it with the engine it
     runs), the address-space limit, then one series per request until the pipe closes."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     threading.Thread(
-        target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+        target=_end_with_owner, args=(owner_pid,), name="owner-watch", daemon=True
     ).start()
     if memory_limit_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
@@ -491,12 +517,27 @@ def _worker_main(connection: Connection, memory_limit_bytes: int) -> None:
             )
         except Exception as exc:  # the boundary of one series: record it, take the next
             outcome = _failed(request, f"internal error: {type(exc).__name__}: {exc}")
-        connection.send(outcome)
+        # ru_maxrss is in KiB on Linux.
+        connection.send((outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
-def _end_with_parent(parent_pid: int) -> None:
-    """A killed daemon cannot kill its workers: each worker notices that its parent is gone
-    and kills its own process group, the engine included, rather than run on unowned."""
-    while not threading.Event().wait(1.0):
-        if os.getppid() != parent_pid:
-            os.killpg(0, signal.SIGKILL)
+def _end_with_owner(owner_pid: int) -> None:
+    """A killed daemon cannot kill its workers: each worker waits for the process that asked
+    for it (the daemon or `dcmdb convert`, not the fork server, its parent) to end, and then
+    kills its own process group, the engine included, rather than run on unowned."""
+    try:
+        # A pidfd becomes readable when the process ends, and cannot be confused by a new
+        # process that reuses the number.
+        owner = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
+        os.killpg(0, signal.SIGKILL)
+        return
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): look once a second
+        while not threading.Event().wait(1.0):
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                os.killpg(0, signal.SIGKILL)
+        return
+    select.select([owner], [], [])
+    os.killpg(0, signal.SIGKILL)
