@@ -12,6 +12,9 @@ Physician spellings are one person: :func:`daemon.model.person_name_key`).
 This module imports the standard library, ``daemon.model`` (itself stdlib only) and, for the
 ``[convert]`` schedule, APScheduler's cron parser and tzlocal: it runs before anything else is
 set up.
+
+``[retention]`` deletes studies, which cannot be undone, so it is off unless ``low_free`` is set
+and then has no default for how far it prunes (``target_free``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from datetime import date, datetime, time
 from datetime import tzinfo as TzInfo
 from fractions import Fraction
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import tzlocal  # the server's local time zone, DST-aware; APScheduler 3 depends on it
 
@@ -54,10 +57,13 @@ __all__ = [
     "IngestConfig",
     "LoggingConfig",
     "PathsConfig",
+    "RetentionConfig",
     "SortingConfig",
+    "SpaceThreshold",
     "find_config_file",
     "load_config",
     "parse_size",
+    "parse_threshold",
     "render_config",
 ]
 
@@ -73,6 +79,9 @@ PN_COMPONENTS: Final = ("family", "given", "middle", "prefix", "suffix")
 # Characters Windows clients cannot use in a name on the SMB share, plus the path separators.
 FORBIDDEN_FOLDER_CHARS: Final = '/\\:*?"<>|'
 CONVERT_ENGINES: Final = ("dcm2niix", "dicom2nifti")
+# retention.order: which eligible studies go first, the oldest by when dcmdb received them or by
+# their StudyDate.
+RETENTION_ORDERS: Final = ("received", "study_date")
 # The fields convert.study_template and convert.series_template may use, in the order error
 # messages list them. SeriesNumber is an int (so "{SeriesNumber:03d}" works); the others are str.
 _STUDY_FIELDS: Final = (
@@ -119,6 +128,11 @@ _SIZE_UNITS: Final = {
 _SIZE_UNIT_NAMES: Final = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
 _SIZE_EXAMPLES: Final = '"4GiB", "512 MiB", "1.5GB", "1000000" (bytes) or "unlimited"'
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z]*)")
+_PERCENT = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*%")
+_THRESHOLD_EXAMPLES: Final = '"10%", "12.5%" (of the filesystem), "200GiB" or "500 GB"'
+_ARCHIVE_SIZE_EXAMPLES: Final = '"2TiB", "500 GB" or "1.5TB", or "" for no limit'
+# No filesystem holds more; statvfs sizes are 64-bit.
+_MAX_THRESHOLD_BYTES: Final = 2**63 - 1
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_ERROR_POSITION = re.compile(
@@ -192,6 +206,13 @@ class IngestConfig:
     empty_folder_grace_seconds: float = 300.0
     parse_workers: int = 0  # 0 = one per CPU core but one (at least one)
     batch_size: int = 256  # files per catalog transaction
+    # Ingest pauses while the archive's filesystem has less free space than this, as written.
+    min_free: str = "1GiB"
+    # min_free parsed; derived, so not a key of the file.
+    min_free_threshold: SpaceThreshold = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_free_threshold", parse_threshold(self.min_free))
 
 
 @dataclass(frozen=True)
@@ -254,6 +275,85 @@ class ConvertConfig:
 
 
 @dataclass(frozen=True)
+class SpaceThreshold:
+    """An amount of free space: a percentage of a filesystem's size, or a number of bytes."""
+
+    kind: Literal["percent", "bytes"]
+    value: float  # percent: 0 < value < 100; bytes: a whole number >= 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "percent":
+            if not (math.isfinite(self.value) and 0 < self.value < 100):
+                raise ValueError(f"a percentage must be more than 0 and less than 100: {self}")
+        elif self.kind == "bytes":
+            if not (0 <= self.value <= _MAX_THRESHOLD_BYTES and self.value == int(self.value)):
+                raise ValueError(f"a number of bytes must be a whole number >= 0: {self}")
+        else:
+            raise ValueError(f'kind must be "percent" or "bytes": {self}')
+
+    def bytes_of(self, total_bytes: int) -> int:
+        """The threshold in bytes on a filesystem of ``total_bytes`` (statvfs f_blocks*f_frsize).
+
+        A percentage is rounded up, so for a whole number of free bytes ``free < bytes_of(t)``
+        holds exactly when free is below the percentage, and ``>=`` when it has reached it.
+        """
+        if self.kind == "percent":
+            # The decimal the admin wrote (repr is the shortest that round-trips), not the
+            # binary float: 12.3% of 1000 bytes is 123 bytes, not 124.
+            return math.ceil(Fraction(repr(self.value)) * total_bytes / 100)
+        return int(self.value)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """When the archive is pruned of its oldest studies; off unless ``low_free`` is set."""
+
+    # Prune when the archive's filesystem has less free space than this ("10%", "200GiB").
+    low_free: str = ""
+    # ... until it has at least this much; required with low_free, at least low_free.
+    target_free: str = ""
+    # Also prune while the catalogued archive is larger than this size; "" = no limit.
+    max_archive_size: str = ""
+    min_age_days: float = 30.0  # a study received more recently is never pruned
+    # Physician folders never pruned, as named in the archive (compared as on the share:
+    # ignoring case, see is_protected).
+    protect: tuple[str, ...] = ()
+    keep_unconverted: bool = True  # a study with series waiting for NIfTI conversion is kept
+    order: str = "received"  # or "study_date": which eligible studies go first (oldest first)
+    max_studies_per_run: int = 100
+    check_every_minutes: float = 10.0  # how often the daemon checks free space
+    # Parsed from low_free, target_free and max_archive_size (None when ""); derived, so not
+    # keys of the file.
+    low_free_threshold: SpaceThreshold | None = field(init=False)
+    target_free_threshold: SpaceThreshold | None = field(init=False)
+    max_archive_bytes: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.protect, tuple):
+            object.__setattr__(self, "protect", tuple(self.protect))
+        low = parse_threshold(self.low_free) if self.low_free else None
+        target = parse_threshold(self.target_free) if self.target_free else None
+        max_bytes = _parse_archive_size(self.max_archive_size) if self.max_archive_size else None
+        problems = _retention_problems(self.low_free, self.target_free, self.max_archive_size)
+        if problems:
+            raise ValueError("; ".join(f"retention.{key}: {problem}" for key, problem in problems))
+        object.__setattr__(self, "low_free_threshold", low)
+        object.__setattr__(self, "target_free_threshold", target)
+        object.__setattr__(self, "max_archive_bytes", max_bytes)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the daemon prunes at all: only once ``low_free`` is set."""
+        return self.low_free != ""
+
+    def is_protected(self, folder: str) -> bool:
+        """Whether the physician folder ``folder`` is listed in ``protect`` (case-insensitively,
+        as on the SMB share: :func:`daemon.model.fold_case`, layout's folder key)."""
+        key = fold_case(folder)
+        return any(fold_case(name) == key for name in self.protect)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path  # the config file that was loaded (absolute)
     paths: PathsConfig
@@ -262,6 +362,7 @@ class Config:
     logging: LoggingConfig
     dicomdir: DicomdirConfig = field(default_factory=DicomdirConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 _SECTIONS: Final = {
@@ -270,6 +371,7 @@ _SECTIONS: Final = {
     "sorting": SortingConfig,
     "dicomdir": DicomdirConfig,
     "convert": ConvertConfig,
+    "retention": RetentionConfig,
     "logging": LoggingConfig,
 }
 
@@ -369,10 +471,19 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         if name not in _SECTIONS:
             errors.append(_unknown_top_level(name, value))
     paths = _load_paths(document, source, errors)
-    ingest = _load_ingest(_optional_table(document, "ingest", errors), errors)
+    ingest_table = _optional_table(document, "ingest", errors)
+    ingest = _load_ingest(ingest_table, errors)
     sorting = _load_sorting(_optional_table(document, "sorting", errors), errors)
     dicomdir = _load_dicomdir(_optional_table(document, "dicomdir", errors), errors)
     convert = _load_convert(_optional_table(document, "convert", errors), source, errors)
+    # An ingest.min_free that was refused (and replaced by its default) is not compared with.
+    min_free_valid = ingest_table.get("min_free", ingest.min_free) == ingest.min_free
+    retention = _load_retention(
+        _optional_table(document, "retention", errors),
+        errors,
+        max_folder_length=sorting.max_folder_length,
+        ingest_min_free=ingest.min_free if min_free_valid else None,
+    )
     logging = _load_logging(_optional_table(document, "logging", errors), errors)
     if paths is None:
         return None
@@ -384,6 +495,7 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         logging=logging,
         dicomdir=dicomdir,
         convert=convert,
+        retention=retention,
     )
 
 
@@ -623,6 +735,10 @@ def _load_ingest(table: Mapping[str, object], errors: list[str]) -> IngestConfig
         ),
         parse_workers=section.integer("parse_workers", default.parse_workers, minimum=0),
         batch_size=section.integer("batch_size", default.batch_size, minimum=1, maximum=10000),
+        min_free=_load_threshold(
+            section, "min_free", default.min_free, allow_empty=False, hint=', or "0" never to pause'
+        )
+        or default.min_free,
     )
 
 
@@ -941,19 +1057,24 @@ def parse_size(text: str) -> int:
     1024); no unit means bytes. A fraction of a byte is dropped. "unlimited" gives 0. Raises
     ValueError with a message that shows valid sizes.
     """
-    stripped = text.strip()
-    if stripped.lower() == "unlimited":
+    if text.strip().lower() == "unlimited":
         return 0
-    match = _SIZE.fullmatch(stripped)
+    return _parse_bytes(text, what="a size", examples=_SIZE_EXAMPLES, percent=False)
+
+
+def _parse_bytes(text: str, *, what: str, examples: str, percent: bool) -> int:
+    """A size in bytes; the errors name ``what`` was expected and show ``examples``."""
+    match = _SIZE.fullmatch(text.strip())
     if match is None:
+        unit = "a unit or %" if percent else "a unit"
         raise ValueError(
-            f"{_describe(text)} is not a size; write a number and a unit, e.g. {_SIZE_EXAMPLES}"
+            f"{_describe(text)} is not {what}; write a number and {unit}, e.g. {examples}"
         )
     multiplier = _SIZE_UNITS.get(match["unit"].lower() or "b")
     if multiplier is None:
         raise ValueError(
-            f"{_describe(text)}: unknown unit {_describe(match['unit'])}; use one of "
-            f"{', '.join(_SIZE_UNIT_NAMES)}, e.g. {_SIZE_EXAMPLES}"
+            f"{_describe(text)}: unknown unit {_describe(match['unit'])}; use "
+            f"{'% or ' if percent else ''}one of {', '.join(_SIZE_UNIT_NAMES)}, e.g. {examples}"
         )
     return int(Fraction(match["number"]) * multiplier)
 
@@ -1085,6 +1206,266 @@ def _load_program(section: _Section, key: str, base: Path) -> Path | None:
     return None
 
 
+def parse_threshold(text: str) -> SpaceThreshold:
+    """Free space as an admin writes it: a percentage of the filesystem ("10%", "12.5 %") or a
+    size ("200GiB", "500 GB", "1000000" bytes; units as :func:`parse_size`).
+
+    A percentage must be more than 0 and less than 100; a size may be "0" but not "unlimited".
+    Raises ValueError with a message that shows valid thresholds.
+    """
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        match = _PERCENT.fullmatch(stripped)
+        if match is None:
+            raise ValueError(
+                f"{_describe(text)} is not a percentage; write a number and %, e.g. "
+                f"{_THRESHOLD_EXAMPLES}"
+            )
+        percent = float(match["number"])
+        if not 0 < percent < 100:
+            raise ValueError(
+                f"{_describe(text)}: a percentage of the filesystem must be more than 0 and less "
+                f"than 100, e.g. {_THRESHOLD_EXAMPLES}"
+            )
+        return SpaceThreshold("percent", percent)
+    if stripped.lower() == "unlimited":
+        raise ValueError(
+            f"{_describe(text)} is no amount of free space; write a percentage or a size, e.g. "
+            f"{_THRESHOLD_EXAMPLES}"
+        )
+    size = _parse_bytes(
+        text, what="a percentage or a size", examples=_THRESHOLD_EXAMPLES, percent=True
+    )
+    if size > _MAX_THRESHOLD_BYTES:
+        raise ValueError(
+            f"{_describe(text)} is more than any filesystem holds; write less, e.g. "
+            f"{_THRESHOLD_EXAMPLES}"
+        )
+    return SpaceThreshold("bytes", size)
+
+
+def _parse_archive_size(text: str) -> int:
+    """retention.max_archive_size in bytes: a size (no percentage), more than 0."""
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        raise ValueError(
+            f"{_describe(text)}: write the archive's size limit as a size, not a percentage, "
+            f"e.g. {_ARCHIVE_SIZE_EXAMPLES}"
+        )
+    if stripped.lower() == "unlimited":
+        raise ValueError(f'{_describe(text)}: write "" for no limit')
+    size = _parse_bytes(text, what="a size", examples=_ARCHIVE_SIZE_EXAMPLES, percent=False)
+    if size == 0:
+        raise ValueError(
+            f"{_describe(text)} would prune every study it may; write a size more than 0, e.g. "
+            f"{_ARCHIVE_SIZE_EXAMPLES}"
+        )
+    if size > _MAX_THRESHOLD_BYTES:
+        raise ValueError(
+            f"{_describe(text)} is more than any filesystem holds; write less, e.g. "
+            f"{_ARCHIVE_SIZE_EXAMPLES}"
+        )
+    return size
+
+
+def _retention_problems(
+    low_free: str | None, target_free: str | None, max_archive_size: str | None
+) -> list[tuple[str, str]]:
+    """(key, problem) for the rules between retention's space keys.
+
+    Each argument is the key's valid value ("" when unset), or None when it is set but invalid
+    (already reported): the rules that need its value are then skipped.
+    """
+    problems: list[tuple[str, str]] = []
+    low = parse_threshold(low_free) if low_free else None
+    target = parse_threshold(target_free) if target_free else None
+    if low is not None and low.kind == "bytes" and low.value == 0:
+        problems.append(
+            (
+                "low_free",
+                "must be more than 0 (free space is never below 0, so nothing would be pruned); "
+                'write "" or leave low_free out to turn retention off',
+            )
+        )
+    if target is not None and target.kind == "bytes" and target.value == 0:
+        problems.append(("target_free", f"must be more than 0, e.g. {_THRESHOLD_EXAMPLES}"))
+    if low_free == "":
+        off = "retention is off unless low_free is set"
+        if target_free != "":
+            problems.append(
+                (
+                    "target_free",
+                    f'is set but low_free is not, and {off}; set low_free too (e.g. "10%"), or '
+                    "remove target_free",
+                )
+            )
+        if max_archive_size != "":
+            problems.append(
+                (
+                    "max_archive_size",
+                    f"is set but low_free is not, and {off}; set low_free and target_free too, "
+                    "or remove max_archive_size",
+                )
+            )
+    elif target_free == "":
+        written = f" ({_describe(low_free)})" if low_free is not None else ""
+        problems.append(
+            (
+                "target_free",
+                "must be set when low_free is: how much free space pruning makes, e.g. "
+                f"{_THRESHOLD_EXAMPLES}, at least low_free{written}; deleting studies cannot be "
+                "undone, so there is no default",
+            )
+        )
+    elif (
+        low is not None
+        and target is not None
+        and low.kind == target.kind
+        and target.value < low.value
+    ):
+        problems.append(
+            (
+                "target_free",
+                f"{_describe(target_free)} is less than low_free ({_describe(low_free)}); "
+                "pruning stops once free space reaches target_free, so it must be at least "
+                "low_free",
+            )
+        )
+    return problems
+
+
+def _load_threshold(
+    section: _Section, key: str, default: str, *, allow_empty: bool, hint: str = ""
+) -> str | None:
+    """A free-space key as written ("" when ``allow_empty``); None when it is refused."""
+    if key not in section.table:
+        return default
+    value = section.table[key]
+    if not isinstance(value, str):
+        section.error(
+            key,
+            f"expected a percentage or a size as a string, e.g. {_THRESHOLD_EXAMPLES}{hint}, "
+            f"got {_describe(value)}",
+        )
+        return None
+    if value == "":
+        if allow_empty:
+            return value
+        section.error(key, f"must not be empty; write e.g. {_THRESHOLD_EXAMPLES}{hint}")
+        return None
+    try:
+        parse_threshold(value)
+    except ValueError as exc:
+        section.error(key, f"{exc}{hint}")
+        return None
+    return value
+
+
+def _load_archive_size(section: _Section, default: str) -> str | None:
+    key = "max_archive_size"
+    if key not in section.table:
+        return default
+    value = section.table[key]
+    if not isinstance(value, str):
+        section.error(
+            key,
+            f"expected a size as a string, e.g. {_ARCHIVE_SIZE_EXAMPLES}, got {_describe(value)}",
+        )
+        return None
+    if value == "":
+        return value
+    try:
+        _parse_archive_size(value)
+    except ValueError as exc:
+        section.error(key, str(exc))
+        return None
+    return value
+
+
+def _load_protect(section: _Section, max_length: int) -> tuple[str, ...]:
+    """retention.protect: physician folder names, by the rules of sorting's folder names."""
+    if "protect" not in section.table:
+        return ()
+    value = section.table["protect"]
+    if not isinstance(value, list):
+        section.error(
+            "protect",
+            f'expected an array of physician folder names (["Smith_John", ...]), got '
+            f"{_describe(value)}",
+        )
+        return ()
+    names: list[str] = []
+    for index, name in enumerate(value):
+        item_path = f"{section.path('protect')}[{index}]"
+        if not isinstance(name, str):
+            section.errors.append(
+                f"{item_path}: expected a folder name (a string), got {_describe(name)}"
+            )
+            continue
+        if problem := _folder_name_problem(name, max_length):
+            section.errors.append(f"{item_path}: folder name {problem}")
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _load_retention(
+    table: Mapping[str, object],
+    errors: list[str],
+    *,
+    max_folder_length: int,
+    ingest_min_free: str | None,
+) -> RetentionConfig:
+    default = RetentionConfig()
+    section = _Section(("retention",), table, _keys(RetentionConfig), errors)
+    errors_before = len(errors)
+    low_free = _load_threshold(
+        section,
+        "low_free",
+        default.low_free,
+        allow_empty=True,
+        hint=', or "" to turn retention off',
+    )
+    target_free = _load_threshold(section, "target_free", default.target_free, allow_empty=True)
+    max_archive_size = _load_archive_size(section, default.max_archive_size)
+    for key, problem in _retention_problems(low_free, target_free, max_archive_size):
+        section.error(key, problem)
+    if low_free and ingest_min_free is not None:
+        low = parse_threshold(low_free)
+        pause = parse_threshold(ingest_min_free)
+        if low.kind == pause.kind and 0 < low.value < pause.value:
+            # Ingest would stop filling the disk before pruning starts, and wait for ever.
+            section.error(
+                "low_free",
+                f"{_describe(low_free)} is less than ingest.min_free "
+                f"({_describe(ingest_min_free)}): ingest would pause first and wait for space "
+                "that pruning never frees; make low_free at least ingest.min_free",
+            )
+    min_age_days = section.number("min_age_days", default.min_age_days, minimum=0, exclusive=False)
+    protect = _load_protect(section, max_folder_length)
+    keep_unconverted = section.boolean("keep_unconverted", default.keep_unconverted)
+    order = section.choice("order", default.order, RETENTION_ORDERS)
+    max_studies_per_run = section.integer(
+        "max_studies_per_run", default.max_studies_per_run, minimum=1
+    )
+    check_every_minutes = section.number(
+        "check_every_minutes", default.check_every_minutes, minimum=0, exclusive=True
+    )
+    if len(errors) != errors_before or low_free is None or target_free is None:
+        return default  # the file is refused anyway; the values need not agree
+    return RetentionConfig(
+        low_free=low_free,
+        target_free=target_free,
+        max_archive_size=max_archive_size or "",
+        min_age_days=min_age_days,
+        protect=protect,
+        keep_unconverted=keep_unconverted,
+        order=order,
+        max_studies_per_run=max_studies_per_run,
+        check_every_minutes=check_every_minutes,
+    )
+
+
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
     default = LoggingConfig()
     section = _Section(("logging",), table, _keys(LoggingConfig), errors)
@@ -1109,13 +1490,20 @@ def render_config(config: Config) -> str:
     ]
     sections: dict[
         str,
-        PathsConfig | IngestConfig | SortingConfig | DicomdirConfig | ConvertConfig | LoggingConfig,
+        PathsConfig
+        | IngestConfig
+        | SortingConfig
+        | DicomdirConfig
+        | ConvertConfig
+        | RetentionConfig
+        | LoggingConfig,
     ] = {
         "paths": config.paths,
         "ingest": config.ingest,
         "sorting": config.sorting,
         "dicomdir": config.dicomdir,
         "convert": config.convert,
+        "retention": config.retention,
         "logging": config.logging,
     }
     for name, section in sections.items():
@@ -1146,6 +1534,8 @@ def _toml_value(value: object) -> str:
         return _toml_string(str(value))
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, tuple):  # retention.protect
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import stat
 import tomllib
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -26,10 +28,13 @@ from daemon.config import (
     IngestConfig,
     LoggingConfig,
     PathsConfig,
+    RetentionConfig,
     SortingConfig,
+    SpaceThreshold,
     find_config_file,
     load_config,
     parse_size,
+    parse_threshold,
     render_config,
 )
 from daemon.layout import alias_lookup, folder_key, physician_folder_name
@@ -71,6 +76,26 @@ def toml_key(text: str) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else toml_string(text)
 
 
+_TABLE_HEADER = re.compile(r"^(?:# )?\[(?P<name>[^\]]+)\]$")
+_EXAMPLE_LINE = re.compile(r'^# ((?:[A-Za-z0-9_-]+|"[^"]*") = .+)$')
+
+
+def uncomment_example(text: str, table: str) -> str:
+    """``text`` (the shipped file) with the example of ``[table]`` uncommented: its header when
+    it is commented out, and each ``# key = value`` line up to the next table."""
+    lines: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if header := _TABLE_HEADER.match(line):
+            inside = header["name"] == table
+            lines.append(line.removeprefix("# ") if inside else line)
+        elif inside and (example := _EXAMPLE_LINE.match(line)):
+            lines.append(example[1])
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def executable(path: Path, mode: int = 0o755) -> Path:
     """A small shell script at ``path`` with ``mode``: a stand-in program the config can name."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,14 +133,38 @@ def test_shipped_config_lists_every_key_with_its_default_value() -> None:
     assert config.sorting == SortingConfig()
     assert config.logging == LoggingConfig()
     assert config.convert == ConvertConfig()
+    # Deleting studies cannot be undone: the shipped file leaves retention off.
+    assert "retention" not in document
+    assert config.retention == RetentionConfig()
+    assert not config.retention.enabled
+
+
+def test_shipped_retention_example_lists_every_key_and_loads_once_uncommented(
+    tmp_path: Path,
+) -> None:
+    text = uncomment_example(SHIPPED_CONFIG.read_text(encoding="utf-8"), "retention")
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+
+    document = tomllib.loads(text)
+    retention = load_config(path).retention
+
+    assert set(document["retention"]) == {
+        field.name for field in dataclasses.fields(RetentionConfig) if field.init
+    }
+    assert retention.enabled
+    assert retention.low_free_threshold == SpaceThreshold("percent", 10.0)
+    assert retention.target_free_threshold == SpaceThreshold("percent", 15.0)
+    # Every other key is shown with its default.
+    assert dataclasses.replace(retention, low_free="", target_free="") == RetentionConfig()
 
 
 def test_shipped_alias_example_loads_once_uncommented(tmp_path: Path) -> None:
     text = SHIPPED_CONFIG.read_text(encoding="utf-8")
-    example = re.compile(r"^# (\S.* = \[.*\])$", re.MULTILINE)
-    assert len(example.findall(text)) >= 1
+    uncommented = uncomment_example(text, "sorting.aliases")
+    assert uncommented != text
     path = tmp_path / "config.toml"
-    path.write_text(example.sub(r"\1", text), encoding="utf-8")
+    path.write_text(uncommented, encoding="utf-8")
 
     aliases = load_config(path).sorting.aliases
 
@@ -691,8 +740,7 @@ SAMPLE_REFERRING_PHYSICIANS = [
 
 
 def uncommented_shipped_config() -> str:
-    text = SHIPPED_CONFIG.read_text(encoding="utf-8")
-    return re.sub(r"^# (\S.* = \[.*\])$", r"\1", text, flags=re.MULTILINE)
+    return uncomment_example(SHIPPED_CONFIG.read_text(encoding="utf-8"), "sorting.aliases")
 
 
 @pytest.mark.parametrize(
@@ -1296,6 +1344,527 @@ def test_bare_dcm2niix_name_points_at_the_program_on_path(
     ]
 
 
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_retention_section_absent_is_off_with_every_default(tmp_path: Path) -> None:
+    retention = load_config(write_config(tmp_path, "")).retention
+
+    assert retention == RetentionConfig()
+    assert retention.enabled is False
+    assert retention.low_free == ""
+    assert retention.target_free == ""
+    assert retention.max_archive_size == ""
+    assert retention.min_age_days == 30.0
+    assert retention.protect == ()
+    assert retention.keep_unconverted is True
+    assert retention.order == "received"
+    assert retention.max_studies_per_run == 100
+    assert retention.check_every_minutes == 10.0
+    assert retention.low_free_threshold is None
+    assert retention.target_free_threshold is None
+    assert retention.max_archive_bytes is None
+
+
+def test_every_retention_key_is_read_as_written(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[retention]\nlow_free = "200GiB"\ntarget_free = "12.5%"\nmax_archive_size = "1.5TB"\n'
+        'min_age_days = 7.5\nprotect = ["Smith_John", "unknown"]\nkeep_unconverted = false\n'
+        'order = "study_date"\nmax_studies_per_run = 20\ncheck_every_minutes = 1\n',
+    )
+
+    retention = load_config(path).retention
+
+    assert retention == RetentionConfig(
+        low_free="200GiB",
+        target_free="12.5%",
+        max_archive_size="1.5TB",
+        min_age_days=7.5,
+        protect=("Smith_John", "unknown"),
+        keep_unconverted=False,
+        order="study_date",
+        max_studies_per_run=20,
+        check_every_minutes=1.0,
+    )
+    assert retention.enabled is True
+    assert retention.low_free_threshold == SpaceThreshold("bytes", 200 * 1024**3)
+    assert retention.target_free_threshold == SpaceThreshold("percent", 12.5)
+    assert retention.max_archive_bytes == 1_500_000_000_000
+    assert isinstance(retention.check_every_minutes, float)
+
+
+def test_retention_mistakes_are_all_reported_at_once_in_key_order(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[retention]\nlow_free = "ten percent"\ntarget_free = 15\nmax_archive_size = "10%"\n'
+        'min_age_days = -1\nprotect = ["Smith_John", 3, "CON"]\nkeep_unconverted = "yes"\n'
+        'order = "recieved"\nmax_studies_per_run = 0\ncheck_every_minutes = 0\n'
+        "min_age = 30\n",
+    )
+
+    errors = load_errors(path)
+
+    assert errors == [
+        "retention.min_age: unknown key; did you mean min_age_days?",
+        'retention.low_free: "ten percent" is not a percentage or a size; write a number and a '
+        'unit or %, e.g. "10%", "12.5%" (of the filesystem), "200GiB" or "500 GB", or "" to turn '
+        "retention off",
+        'retention.target_free: expected a percentage or a size as a string, e.g. "10%", '
+        '"12.5%" (of the filesystem), "200GiB" or "500 GB", got 15',
+        'retention.max_archive_size: "10%": write the archive\'s size limit as a size, not a '
+        'percentage, e.g. "2TiB", "500 GB" or "1.5TB", or "" for no limit',
+        "retention.min_age_days: expected a number >= 0, got -1",
+        "retention.protect[1]: expected a folder name (a string), got 3",
+        "retention.protect[2]: folder name must not be the Windows device name CON, in any case "
+        "or before an extension",
+        'retention.keep_unconverted: expected true or false, got "yes"',
+        'retention.order: expected one of "received", "study_date", got "recieved"; did you '
+        "mean received?",
+        "retention.max_studies_per_run: expected an integer >= 1, got 0",
+        "retention.check_every_minutes: expected a number > 0, got 0",
+    ]
+
+
+def test_top_level_retention_key_says_it_belongs_under_retention(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('low_free = "10%"\n' + VALID_PATHS, encoding="utf-8")
+
+    assert load_errors(path) == ["low_free: unknown top-level key; it belongs under [retention]"]
+
+
+def test_low_free_without_target_free_is_refused_for_there_is_no_default(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[retention]\nlow_free = "10%"\n')
+
+    assert load_errors(path) == [
+        "retention.target_free: must be set when low_free is: how much free space pruning makes, "
+        'e.g. "10%", "12.5%" (of the filesystem), "200GiB" or "500 GB", at least low_free '
+        '("10%"); deleting studies cannot be undone, so there is no default'
+    ]
+
+
+def test_target_free_and_max_archive_size_without_low_free_are_refused_as_retention_is_off(
+    tmp_path: Path,
+) -> None:
+    path = write_config(
+        tmp_path, '[retention]\nlow_free = ""\ntarget_free = "15%"\nmax_archive_size = "2TiB"\n'
+    )
+
+    assert load_errors(path) == [
+        "retention.target_free: is set but low_free is not, and retention is off unless low_free "
+        'is set; set low_free too (e.g. "10%"), or remove target_free',
+        "retention.max_archive_size: is set but low_free is not, and retention is off unless "
+        "low_free is set; set low_free and target_free too, or remove max_archive_size",
+    ]
+
+
+def test_invalid_low_free_is_reported_alone_not_as_missing(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[retention]\nlow_free = "10 GB free"\ntarget_free = "1%"\n')
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith('retention.low_free: "10 GB free" is not a percentage or a size')
+
+
+@pytest.mark.parametrize(
+    ("low_free", "target_free"),
+    [("10%", "9.99%"), ("200GiB", "199GiB"), ("1TB", "999 GB"), ("50%", "5%")],
+)
+def test_target_free_below_low_free_of_the_same_kind_is_refused(
+    tmp_path: Path, low_free: str, target_free: str
+) -> None:
+    path = write_config(
+        tmp_path, f'[retention]\nlow_free = "{low_free}"\ntarget_free = "{target_free}"\n'
+    )
+
+    assert load_errors(path) == [
+        f'retention.target_free: "{target_free}" is less than low_free ("{low_free}"); pruning '
+        "stops once free space reaches target_free, so it must be at least low_free"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("low_free", "target_free"),
+    [
+        ("10%", "10%"),
+        ("10%", "10.5 %"),
+        ("200GiB", "200GiB"),
+        ("1000GB", "1TB"),
+        ("5%", "1GiB"),  # kinds differ: compared against the filesystem's size at run time
+        ("900GiB", "1%"),
+    ],
+)
+def test_target_free_at_least_low_free_or_of_another_kind_is_accepted(
+    tmp_path: Path, low_free: str, target_free: str
+) -> None:
+    path = write_config(
+        tmp_path, f'[retention]\nlow_free = "{low_free}"\ntarget_free = "{target_free}"\n'
+    )
+
+    retention = load_config(path).retention
+
+    assert retention.enabled
+    assert retention.low_free_threshold == parse_threshold(low_free)
+    assert retention.target_free_threshold == parse_threshold(target_free)
+
+
+def test_zero_low_free_is_refused_saying_how_to_turn_retention_off(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[retention]\nlow_free = "0 GiB"\ntarget_free = "0"\n')
+
+    assert load_errors(path) == [
+        "retention.low_free: must be more than 0 (free space is never below 0, so nothing would "
+        'be pruned); write "" or leave low_free out to turn retention off',
+        'retention.target_free: must be more than 0, e.g. "10%", "12.5%" (of the filesystem), '
+        '"200GiB" or "500 GB"',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("low_free", "percent"), [("0%", "0%"), ("100%", "100%"), ("250 %", "250 %")]
+)
+def test_low_free_percentage_outside_0_to_100_is_refused(
+    tmp_path: Path, low_free: str, percent: str
+) -> None:
+    path = write_config(tmp_path, f'[retention]\nlow_free = "{low_free}"\ntarget_free = "50%"\n')
+
+    assert load_errors(path) == [
+        f'retention.low_free: "{percent}": a percentage of the filesystem must be more than 0 '
+        'and less than 100, e.g. "10%", "12.5%" (of the filesystem), "200GiB" or "500 GB", or "" '
+        "to turn retention off"
+    ]
+
+
+def test_low_free_below_ingest_min_free_is_refused_for_ingest_would_pause_first(
+    tmp_path: Path,
+) -> None:
+    sizes = write_config(tmp_path / "a", '[retention]\nlow_free = "512MiB"\ntarget_free = "2GiB"\n')
+    percents = write_config(
+        tmp_path / "b",
+        '[ingest]\nmin_free = "5%"\n[retention]\nlow_free = "4.5%"\ntarget_free = "10%"\n',
+    )
+
+    assert load_errors(sizes) == [
+        'retention.low_free: "512MiB" is less than ingest.min_free ("1GiB"): ingest would pause '
+        "first and wait for space that pruning never frees; make low_free at least "
+        "ingest.min_free"
+    ]
+    assert load_errors(percents)[0].startswith(
+        'retention.low_free: "4.5%" is less than ingest.min_free ("5%")'
+    )
+
+
+@pytest.mark.parametrize(
+    ("min_free", "low_free"),
+    [("1GiB", "1GiB"), ("1GiB", "1%"), ("10%", "1GiB"), ("0", "1MiB"), ("5%", "5%")],
+)
+def test_low_free_at_least_ingest_min_free_or_of_another_kind_is_accepted(
+    tmp_path: Path, min_free: str, low_free: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        f'[ingest]\nmin_free = "{min_free}"\n'
+        f'[retention]\nlow_free = "{low_free}"\ntarget_free = "{low_free}"\n',
+    )
+
+    config = load_config(path)
+
+    assert config.ingest.min_free == min_free
+    assert config.retention.low_free == low_free
+
+
+def test_invalid_ingest_min_free_is_not_compared_with_low_free(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[ingest]\nmin_free = "lots"\n[retention]\nlow_free = "1MiB"\ntarget_free = "2MiB"\n',
+    )
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith('ingest.min_free: "lots" is not a percentage or a size')
+
+
+@pytest.mark.parametrize(
+    ("size", "problem"),
+    [
+        ('"unlimited"', '"unlimited": write "" for no limit'),
+        (
+            '"0"',
+            '"0" would prune every study it may; write a size more than 0, e.g. "2TiB", "500 GB" '
+            'or "1.5TB", or "" for no limit',
+        ),
+        (
+            '"2T"',
+            '"2T": unknown unit "T"; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, e.g. '
+            '"2TiB", "500 GB" or "1.5TB", or "" for no limit',
+        ),
+        (
+            "2048",
+            'expected a size as a string, e.g. "2TiB", "500 GB" or "1.5TB", or "" for no limit, '
+            "got 2048",
+        ),
+        (
+            '"9000000TiB"',
+            '"9000000TiB" is more than any filesystem holds; write less, e.g. "2TiB", "500 GB" or '
+            '"1.5TB", or "" for no limit',
+        ),
+    ],
+)
+def test_max_archive_size_must_be_a_size_more_than_zero(
+    tmp_path: Path, size: str, problem: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        f'[retention]\nlow_free = "10%"\ntarget_free = "20%"\nmax_archive_size = {size}\n',
+    )
+
+    assert load_errors(path) == [f"retention.max_archive_size: {problem}"]
+
+
+@pytest.mark.parametrize(
+    "folder", ["", "..", "a/b", ".hidden", "trailing.", "CON", "aux.x", "x:y", "a\tb", "u" * 65]
+)
+def test_protected_folder_that_no_client_can_use_is_rejected_with_its_index(
+    tmp_path: Path, folder: str
+) -> None:
+    path = write_config(
+        tmp_path, f'[retention]\nprotect = ["Smith_John", {toml_string(folder)}, "unknown"]\n'
+    )
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith("retention.protect[1]: folder name ")
+
+
+def test_protected_folder_may_be_as_long_as_sorting_allows(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, f'[sorting]\nmax_folder_length = 100\n[retention]\nprotect = ["{"x" * 100}"]\n'
+    )
+
+    assert load_config(path).retention.protect == ("x" * 100,)
+
+
+def test_protect_that_is_not_an_array_is_reported(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[retention]\nprotect = "Smith_John"\n')
+
+    assert load_errors(path) == [
+        'retention.protect: expected an array of physician folder names (["Smith_John", ...]), '
+        'got "Smith_John"'
+    ]
+
+
+def test_protected_folders_compare_ignoring_case_as_on_the_share() -> None:
+    retention = RetentionConfig(protect=["Smith_John", "Müller"])  # type: ignore[arg-type]
+
+    assert retention.protect == ("Smith_John", "Müller")
+    assert retention.is_protected("Smith_John")
+    assert retention.is_protected("SMITH_JOHN")
+    assert retention.is_protected("mÜller")
+    assert not retention.is_protected("Smith_Jane")
+    assert not RetentionConfig().is_protected("unknown")
+
+
+def test_order_is_case_insensitive_and_stored_lowercase(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[retention]\norder = "Study_Date"\n')
+
+    assert load_config(path).retention.order == "study_date"
+
+
+def test_retention_keys_may_be_tuned_while_retention_is_off(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, '[retention]\nlow_free = ""\nmin_age_days = 90\nprotect = ["Smith_John"]\n'
+    )
+
+    retention = load_config(path).retention
+
+    assert not retention.enabled
+    assert retention.min_age_days == 90.0
+
+
+def test_threshold_fields_are_derived_and_not_keys_of_the_file(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[ingest]\nmin_free_threshold = "1GiB"\n[retention]\nmax_archive_bytes = 1000\n',
+    )
+
+    assert load_errors(path) == [
+        "ingest.min_free_threshold: unknown key; did you mean min_free?",
+        "retention.max_archive_bytes: unknown key; did you mean max_archive_size?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"low_free": "10%"}, "retention.target_free: must be set when low_free is"),
+        ({"target_free": "10%"}, "retention.target_free: is set but low_free is not"),
+        ({"max_archive_size": "1TB"}, "retention.max_archive_size: is set but low_free is not"),
+        ({"low_free": "10%", "target_free": "5%"}, 'retention.target_free: "5%" is less than'),
+        (
+            {"low_free": "10%", "target_free": "15%", "max_archive_size": "unlimited"},
+            'write "" for no limit',
+        ),
+        ({"low_free": "lots", "target_free": "15%"}, "is not a percentage or a size"),
+    ],
+)
+def test_retention_config_that_the_file_would_refuse_cannot_be_built(
+    fields: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        RetentionConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_retention_config_is_hashable_and_immutable() -> None:
+    retention = RetentionConfig(low_free="10%", target_free="20%", protect=("A",))
+
+    assert hash(retention) == hash(dataclasses.replace(retention))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        retention.low_free = "5%"  # type: ignore[misc]
+
+
+# --- free-space thresholds ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "threshold"),
+    [
+        ("10%", SpaceThreshold("percent", 10.0)),
+        ("12.5 %", SpaceThreshold("percent", 12.5)),
+        (" .5% ", SpaceThreshold("percent", 0.5)),
+        ("99.9%", SpaceThreshold("percent", 99.9)),
+        ("200GiB", SpaceThreshold("bytes", 200 * 1024**3)),
+        ("500 GB", SpaceThreshold("bytes", 500 * 10**9)),
+        ("1.5tb", SpaceThreshold("bytes", 1_500_000_000_000)),
+        ("1000000", SpaceThreshold("bytes", 1_000_000)),
+        ("0", SpaceThreshold("bytes", 0)),
+    ],
+)
+def test_parse_threshold_reads_percentages_and_sizes(text: str, threshold: SpaceThreshold) -> None:
+    assert parse_threshold(text) == threshold
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", '"" is not a percentage or a size; write a number and a unit or %'),
+        ("lots", '"lots" is not a percentage or a size; write a number and a unit or %'),
+        ("-5%", '"-5%" is not a percentage; write a number and %'),
+        ("%", '"%" is not a percentage; write a number and %'),
+        ("10%%", '"10%%" is not a percentage; write a number and %'),
+        ("0%", '"0%": a percentage of the filesystem must be more than 0 and less than 100'),
+        ("100%", '"100%": a percentage of the filesystem must be more than 0 and less than 100'),
+        ("unlimited", '"unlimited" is no amount of free space; write a percentage or a size'),
+        ("5G", '"5G": unknown unit "G"; use % or one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB'),
+        ("9000000TiB", '"9000000TiB" is more than any filesystem holds'),
+    ],
+)
+def test_parse_threshold_of_something_else_says_what_and_shows_examples(
+    text: str, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)) as raised:
+        parse_threshold(text)
+
+    assert str(raised.value).startswith(problem)
+    assert str(raised.value).endswith(
+        'e.g. "10%", "12.5%" (of the filesystem), "200GiB" or "500 GB"'
+    )
+
+
+def test_percentage_threshold_in_bytes_is_rounded_up_from_the_decimal_written() -> None:
+    assert parse_threshold("10%").bytes_of(1000) == 100
+    assert parse_threshold("10%").bytes_of(1001) == 101  # 100.1 bytes
+    # 12.3 as a binary float is a little more than 12.3, which would round 123 up to 124.
+    assert parse_threshold("12.3%").bytes_of(1000) == 123
+    assert parse_threshold("50%").bytes_of(0) == 0
+    assert parse_threshold("5%").bytes_of(16 * 1024**4) == -(-16 * 1024**4 // 20)
+
+
+@pytest.mark.parametrize("text", ["10%", "12.3%", "33.3%", "0.1%", "99.99%"])
+def test_free_below_a_percentage_threshold_is_exactly_free_below_that_percentage(
+    text: str,
+) -> None:
+    threshold = parse_threshold(text)
+    percent = Fraction(text.removesuffix("%"))
+    for total in (999, 1000, 4096, 10**12 + 7):
+        limit = threshold.bytes_of(total)
+        for free in (limit - 1, limit):
+            assert (free < limit) == (free * 100 < percent * total)
+
+
+def test_size_threshold_in_bytes_does_not_depend_on_the_filesystem() -> None:
+    threshold = parse_threshold("1GiB")
+
+    assert threshold.bytes_of(0) == threshold.bytes_of(10**15) == 1024**3
+    assert isinstance(threshold.bytes_of(10**15), int)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("percent", 0),
+        ("percent", 100),
+        ("percent", math.nan),
+        ("bytes", -1),
+        ("bytes", 1.5),
+        ("kb", 1),
+    ],
+)
+def test_space_threshold_refuses_values_parse_threshold_would_not_give(
+    kind: str, value: float
+) -> None:
+    with pytest.raises(ValueError, match=r"must be|kind must be"):
+        SpaceThreshold(kind, value)  # type: ignore[arg-type]
+
+
+# --- ingest: free space -------------------------------------------------------------------------
+
+
+def test_ingest_pauses_below_one_gib_free_by_default(tmp_path: Path) -> None:
+    ingest = load_config(write_config(tmp_path, "")).ingest
+
+    assert ingest.min_free == "1GiB"
+    assert ingest.min_free_threshold == SpaceThreshold("bytes", 1024**3)
+    assert ingest.min_free_threshold.bytes_of(10**12) == 1024**3
+
+
+@pytest.mark.parametrize(
+    ("min_free", "bytes_of_a_terabyte"),
+    [("2%", 2 * 10**10), ("500 MB", 500 * 10**6), ("0", 0)],
+)
+def test_ingest_min_free_is_a_percentage_or_a_size_and_zero_never_pauses(
+    tmp_path: Path, min_free: str, bytes_of_a_terabyte: int
+) -> None:
+    path = write_config(tmp_path, f'[ingest]\nmin_free = "{min_free}"\n')
+
+    ingest = load_config(path).ingest
+
+    assert ingest.min_free == min_free
+    assert ingest.min_free_threshold.bytes_of(10**12) == bytes_of_a_terabyte
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('""', 'must not be empty; write e.g. "10%"'),
+        ("1024", "expected a percentage or a size as a string"),
+        ('"unlimited"', '"unlimited" is no amount of free space'),
+        ('"0%"', '"0%": a percentage of the filesystem must be more than 0 and less than 100'),
+    ],
+)
+def test_ingest_min_free_mistakes_say_how_never_to_pause(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    path = write_config(tmp_path, f"[ingest]\nmin_free = {value}\n")
+
+    errors = load_errors(path)
+
+    assert len(errors) == 1
+    assert errors[0].startswith(f"ingest.min_free: {problem}")
+    assert ', or "0" never to pause' in errors[0]
+
+
 # --- finding the file ---------------------------------------------------------------------------
 
 
@@ -1400,7 +1969,7 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         'quarantine = "q \\"quoted\\" \\\\ dir"\nstate = "~/state"\n'
         '[ingest]\nobserver = "polling"\npolling_interval_seconds = 0.5\nsettle_seconds = 0\n'
         "incomplete_timeout_seconds = 1e3\nrescan_seconds = 5\nempty_folder_grace_seconds = 0\n"
-        "parse_workers = 3\nbatch_size = 10000\n"
+        'parse_workers = 3\nbatch_size = 10000\nmin_free = "5%"\n'
         '[sorting]\nfolder_template = "Dr {family} {given}"\nunknown_folder = "Niemand"\n'
         "max_folder_length = 200\n"
         '[sorting.aliases]\nSmith_John = ["SMITH^JOHN", "SMITH^J"]\n"Müller Ä.B" = ["MÜLLER^Ä"]\n'
@@ -1409,7 +1978,11 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         'timezone = "Europe/Berlin"\nsettle_minutes = 0\nworkers = 2\ntimeout_seconds = 90.5\n'
         'memory_limit = "1.5 GB"\nmax_attempts = 1\npreview = false\n'
         'study_template = "{{{PatientName}}} {AccessionNumber}"\n'
-        'series_template = "{Modality}-{SeriesNumber:>4}"\ndcm2niix = "bin/dcm2niix"\n',
+        'series_template = "{Modality}-{SeriesNumber:>4}"\ndcm2niix = "bin/dcm2niix"\n'
+        '[retention]\nlow_free = "7.5 %"\ntarget_free = "300GiB"\nmax_archive_size = "20 TiB"\n'
+        'min_age_days = 0\nprotect = ["Smith_John", "Dr. M. Müller"]\n'
+        'keep_unconverted = false\norder = "Study_Date"\nmax_studies_per_run = 1\n'
+        "check_every_minutes = 0.5\n",
         with_paths=False,
     )
     executable(tmp_path / "conf" / "bin" / "dcm2niix")
@@ -1420,6 +1993,11 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         getattr(config.convert, item.name) != getattr(ConvertConfig(), item.name)
         for item in dataclasses.fields(ConvertConfig)
     )
+    assert all(
+        getattr(config.retention, item.name) != getattr(RetentionConfig(), item.name)
+        for item in dataclasses.fields(RetentionConfig)
+    )
+    assert config.ingest.min_free_threshold == SpaceThreshold("percent", 5.0)
     rendered = tmp_path / "rendered.toml"
     rendered.write_text(render_config(config), encoding="utf-8")
 
@@ -1435,7 +2013,12 @@ def test_render_config_fills_in_every_default(tmp_path: Path) -> None:
     document = tomllib.loads(render_config(config))
 
     assert document["paths"]["archive"] == str(tmp_path.resolve() / "var" / "archive")
-    assert document["ingest"] == dataclasses.asdict(IngestConfig())
+    assert document["ingest"] == {
+        item.name: getattr(IngestConfig(), item.name)
+        for item in dataclasses.fields(IngestConfig)
+        if item.init
+    }
+    assert document["ingest"]["min_free"] == "1GiB"
     assert document["logging"] == dataclasses.asdict(LoggingConfig())
     assert document["sorting"] == {
         "folder_template": "{family}_{given}",
@@ -1457,4 +2040,15 @@ def test_render_config_fills_in_every_default(tmp_path: Path) -> None:
         "study_template": "{PatientID}_{StudyDate}_{StudyDescription}",
         "series_template": "{SeriesNumber:03d}_{SeriesDescription}",
         "dcm2niix": "",
+    }
+    assert document["retention"] == {
+        "low_free": "",
+        "target_free": "",
+        "max_archive_size": "",
+        "min_age_days": 30.0,
+        "protect": [],
+        "keep_unconverted": True,
+        "order": "received",
+        "max_studies_per_run": 100,
+        "check_every_minutes": 10.0,
     }
