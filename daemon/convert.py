@@ -23,8 +23,6 @@ converts it again.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -46,7 +44,7 @@ from typing import TypeVar
 
 from daemon.catalog import Catalog, SeriesToConvert, StudyConversion
 from daemon.config import ConvertConfig, PathsConfig
-from daemon.fsops import TEMP_PREFIX, write_bytes_atomically
+from daemon.fsops import TEMP_PREFIX, LockBusyError, exclusive_lock, write_bytes_atomically
 from daemon.layout import nifti_name
 from daemon.nifti import ConversionOutcome, ConversionRequest, convert_series, engine_version
 
@@ -166,21 +164,14 @@ def _run(
 @contextmanager
 def _run_lock(state_dir: Path) -> Iterator[None]:
     """One conversion run at a time per archive (the daemon's job or `dcmdb convert`)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / _LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConversionBusyError(
-                "another conversion run is in progress (the daemon's scheduled job or a "
-                "`dcmdb convert`); wait for it to finish and try again"
-            ) from exc
-        try:
+    try:
+        with exclusive_lock(state_dir / _LOCK_FILE):
             yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    except LockBusyError as exc:
+        raise ConversionBusyError(
+            "another conversion run is in progress (the daemon's scheduled job or a "
+            "`dcmdb convert`); wait for it to finish and try again"
+        ) from exc
 
 
 def _remove_abandoned_work_dirs(archive: Path, folder_names: list[str]) -> None:
@@ -281,8 +272,9 @@ class _ConversionJobs:
         elif outcome.state == "skipped":
             outputs = []
         # A failure keeps the previous outputs: older, but the best there is.
+        folder = self._archive / series.folder_name
         for stale in set(series.outputs) - set(outputs):
-            (self._archive / series.folder_name / stale).unlink(missing_ok=True)
+            (folder / stale).unlink(missing_ok=True)
         self._catalog.finish_conversion(
             series,
             outcome.state,
@@ -290,6 +282,7 @@ class _ConversionJobs:
             outcome.engine,
             outcome.engine_version,
             outputs,
+            sum(_size(folder / output) for output in outputs),
             self._now(),
         )
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -301,6 +294,13 @@ class _ConversionJobs:
             outcome.state,
             f" ({outcome.reason})" if outcome.reason else "",
         )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _write_report(study_dir: Path, conversions: list[StudyConversion], now: float) -> None:

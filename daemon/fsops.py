@@ -8,8 +8,11 @@ Standard library only; used by ingest, and by DICOMDIR and NIfTI writers.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
@@ -94,3 +97,25 @@ def remove_temp_files_for(target: Path) -> None:
     for entry in os.scandir(parent):
         if entry.name.startswith(prefix):
             Path(entry.path).unlink(missing_ok=True)
+
+
+class LockBusyError(Exception):
+    """Another process holds the lock."""
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an advisory lock on `path` (created if missing) for the block; LockBusyError at
+    once if another process holds it. The kernel releases it when its holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LockBusyError(str(path)) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

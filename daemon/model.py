@@ -33,6 +33,16 @@ def fold_case(text: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).upper().casefold())
 
 
+def format_size(count: int) -> str:
+    """Bytes for people: "512 B", "1.5 MiB", "2.0 TiB"."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def person_name_key(name: str) -> str:
     """Identity of one PN spelling (one component group, e.g. the alphabetic group).
 
