@@ -10,16 +10,24 @@ or moves a file happens in the worker thread, in batches:
 
 A crash anywhere leaves journal rows that `Archiver.recover` resolves at start-up, so every
 file ends up archived exactly once or is still in incoming/ to be taken again.
+
+A full disk is not a file's fault: when the archive's filesystem has less free space than
+ingest.min_free, or a write or the catalog fails with "no space", the worker pauses. The files
+wait in incoming/ (a batch that ran out of space is undone like any failed move, and never
+quarantined), and ingest resumes by itself once the space is back.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
+import sqlite3  # only to recognise "database or disk is full" (SQLITE_FULL) from the catalog
 import stat
 import threading
 import time
@@ -29,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import fsops
-from daemon.catalog import ArchivedInstance, Catalog
-from daemon.config import IngestConfig, SortingConfig
+from daemon.catalog import ArchivedInstance, Catalog, StudyBeingDeletedError
+from daemon.config import IngestConfig, SortingConfig, SpaceThreshold
 from daemon.dicomfile import (
     IncompleteFileError,
     NotAcceptedError,
@@ -43,17 +51,87 @@ from daemon.layout import (
     folder_key,
     physician_folder_name,
 )
-from daemon.model import FileIdentity, Hint, IngestResult, InstanceHeader, Outcome, person_name_key
+from daemon.model import (
+    FileIdentity,
+    Hint,
+    IngestResult,
+    InstanceHeader,
+    Outcome,
+    format_size,
+    person_name_key,
+)
 
 logger = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SAME_UID_IN_BATCH = "another file with the same SOP Instance UID is in this batch"
+# Outcome.RETRY detail of a file that did not fit: it stays in incoming/ until space returns.
+NO_SPACE = "no space left on the filesystem"
+STUDY_BEING_DELETED = "its study is being deleted by retention; tried again once it is gone"
+# A write that fails with these ran out of room (EDQUOT: the dcmdb user's quota), not a bad file.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def is_ignored_name(name: str) -> bool:
     """Hidden and temporary names are somebody's work in progress, never input."""
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+# ---- free space ------------------------------------------------------------------------
+
+FreeSpace = Callable[[], tuple[int, int]]  # () -> (free bytes, total bytes) of a filesystem
+
+
+def free_space_of(path: Path) -> FreeSpace:
+    """The reading of path's filesystem: bytes free to an unprivileged writer, and its size."""
+
+    def reading() -> tuple[int, int]:
+        usage = shutil.disk_usage(path)
+        return usage.free, usage.total
+
+    return reading
+
+
+def space_pause_reason(archive: Path, free: int, total: int, config: IngestConfig) -> str:
+    """Why ingest pauses with this reading of the archive's filesystem, or "" if it need not.
+    `dcmdb status` can call this with its own reading to say what the daemon decides."""
+    threshold: SpaceThreshold = config.min_free_threshold
+    minimum = threshold.bytes_of(total)
+    if free >= minimum:
+        return ""
+    return (
+        f"archive filesystem {archive} has {format_size(free)} free, below ingest.min_free = "
+        f"{_threshold_text(config.min_free, threshold, minimum)}"
+    )
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether error, or one it was raised from or while handling, says a filesystem is full:
+    ENOSPC or EDQUOT from a write, SQLITE_FULL ("database or disk is full") from the catalog."""
+    return out_of_space_cause(error) is not None
+
+
+def out_of_space_cause(error: BaseException) -> BaseException | None:
+    """The "no space" error in error's chain, if any. SQLite rolls a transaction back by itself
+    on SQLITE_FULL, so the error that reaches a boundary may be the failed ROLLBACK after it."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+            return current
+        if isinstance(current, sqlite3.Error):
+            code = getattr(current, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+                return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _threshold_text(written: str, threshold: SpaceThreshold, minimum: int) -> str:
+    """ "4GiB" as written, or "5% (2.5 GiB)": a percentage with what it is on this filesystem."""
+    written = written.strip()
+    return f"{written} ({format_size(minimum)})" if threshold.kind == "percent" else written
 
 
 # ---- reading (runs in worker processes) ------------------------------------------------
@@ -168,6 +246,20 @@ class Archiver:
         self._clock = clock
         self._archive_root = os.fspath(archive)
         self._known_dirs: set[str] = set()
+        # (moved, not moved) instance rows of a batch whose closing transaction failed (the
+        # catalog's disk was full): settled before the next batch stages anything.
+        self._unsettled: tuple[list[int], list[int]] | None = None
+        self._quarantine_full_reported = False
+        # The error of the last move that ran out of space (ENOSPC or EDQUOT), for the message.
+        self.last_no_space_error: OSError | None = None
+
+    @property
+    def archive(self) -> Path:
+        return self._archive
+
+    @property
+    def catalog_path(self) -> Path:
+        return self._catalog.path
 
     # -- start-up --
 
@@ -202,7 +294,12 @@ class Archiver:
     # -- one batch --
 
     def file_batch(self, reads: list[FileRead]) -> list[IngestResult]:
-        """Archive, drop or quarantine each read instance. All reads must carry a header."""
+        """Archive, drop or quarantine each read instance. All reads must carry a header.
+
+        Files that did not fit (ENOSPC/EDQUOT) come back as Outcome.RETRY with detail NO_SPACE,
+        their rows undone; the catalog's own "disk is full" raises (see is_out_of_space) with
+        nothing left half-done that the next call does not settle first."""
+        self.settle_unfinished()
         results: list[IngestResult] = []
         staged: list[_Staged] = []
         duplicates: list[FileRead] = []
@@ -233,16 +330,22 @@ class Archiver:
                         header, now
                     )
                 folder_id, folder_name = folder
-                row_id, rel_path = self._catalog.stage_instance(
-                    header,
-                    folder_id,
-                    identity.size,
-                    now,
-                    read.path,
-                    self._keep_source,
-                    file_id_component,
-                    _nothing_on_disk_below(f"{self._archive_root}/{folder_name}/"),
-                )
+                try:
+                    row_id, rel_path = self._catalog.stage_instance(
+                        header,
+                        folder_id,
+                        identity.size,
+                        now,
+                        read.path,
+                        self._keep_source,
+                        file_id_component,
+                        _nothing_on_disk_below(f"{self._archive_root}/{folder_name}/"),
+                    )
+                except StudyBeingDeletedError:
+                    # Retention is deleting this study right now: once it is gone, the
+                    # instance starts a new study.
+                    results.append(IngestResult(read.path, Outcome.RETRY, STUDY_BEING_DELETED))
+                    continue
                 staged.append(
                     _Staged(read, header, identity, row_id, folder_id, f"{folder_name}/{rel_path}")
                 )
@@ -250,14 +353,25 @@ class Archiver:
 
         moved, failed = self._move_staged(staged, results)
         if moved or failed:
-            with self._catalog.transaction():
-                self._catalog.finish_moves(moved)
-                self._catalog.undo_staged(failed)
+            self._unsettled = (moved, failed)
+            self.settle_unfinished()
         for read in duplicates:
             results.append(self._drop_duplicate(read))
         for read, reason in conflicts:
             results.append(self.quarantine(read.path, reason))
         return results
+
+    def settle_unfinished(self) -> None:
+        """Close the journal of the last batch if its closing transaction failed: the files
+        that moved are archived, the rows of those that did not are undone (their files are in
+        incoming/, and would otherwise look archived but missing when taken again)."""
+        if self._unsettled is None:
+            return
+        moved, failed = self._unsettled
+        with self._catalog.transaction():
+            self._catalog.finish_moves(moved)
+            self._catalog.undo_staged(failed)
+        self._unsettled = None
 
     def _folder_for(self, header: InstanceHeader, now: float) -> tuple[int, str]:
         placement = self._catalog.study_placement(header.study_instance_uid)
@@ -279,9 +393,15 @@ class Archiver:
     ) -> tuple[list[int], list[int]]:
         moved: list[int] = []
         failed: list[int] = []
+        out_of_space = False
         for item in staged:
             source = item.read.path
             target = f"{self._archive_root}/{item.rel_path}"
+            if out_of_space:
+                # The rest would fail the same way, or squeeze into what little is left.
+                failed.append(item.instance_row_id)
+                results.append(IngestResult(source, Outcome.RETRY, NO_SPACE))
+                continue
             try:
                 if _identity_now(source) != item.identity:
                     failed.append(item.instance_row_id)
@@ -293,20 +413,38 @@ class Archiver:
                 logger.warning("%s vanished before it could be archived", source)
                 results.append(IngestResult(source, Outcome.RETRY, "vanished"))
                 continue
+            except OSError as exc:
+                if not is_out_of_space(exc):
+                    failed.append(item.instance_row_id)
+                    self._log_move_failure(source, target, item)
+                    results.append(IngestResult(source, Outcome.RETRY, "move failed"))
+                    continue
+                # Not the file's fault: it and the rest of the batch wait in incoming/ (the
+                # copy's temp file is gone: copy_no_replace removes it whatever happens).
+                out_of_space = True
+                self.last_no_space_error = exc
+                failed.append(item.instance_row_id)
+                logger.debug("no space to write %s: %s", target, exc.strerror)
+                results.append(IngestResult(source, Outcome.RETRY, NO_SPACE))
+                continue
             except Exception:
                 failed.append(item.instance_row_id)
-                logger.exception(
-                    "could not move %s to %s (SOP Instance UID %s); it stays in incoming and "
-                    "is tried again",
-                    source,
-                    target,
-                    item.header.sop_instance_uid,
-                )
+                self._log_move_failure(source, target, item)
                 results.append(IngestResult(source, Outcome.RETRY, "move failed"))
                 continue
             moved.append(item.instance_row_id)
             results.append(IngestResult(source, Outcome.ARCHIVED, item.rel_path))
         return moved, failed
+
+    @staticmethod
+    def _log_move_failure(source: str, target: str, item: _Staged) -> None:
+        logger.exception(
+            "could not move %s to %s (SOP Instance UID %s); it stays in incoming and is tried "
+            "again",
+            source,
+            target,
+            item.header.sop_instance_uid,
+        )
 
     def _place(self, source: str, target: str) -> None:
         parent = os.path.dirname(target)
@@ -368,24 +506,51 @@ class Archiver:
         if self._incoming is not None and source.is_relative_to(self._incoming):
             relative = source.relative_to(self._incoming)
         target = self._quarantine / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for suffix in range(1, 100_000):
-            reason_file = target.with_name(target.name + ".reason.txt")
-            if not os.path.lexists(target) and not os.path.lexists(reason_file):
-                fsops.write_bytes_atomically(reason_file, _reason_text(path, reason, now).encode())
-                try:
-                    self._transfer(source, target)
-                    break
-                except FileExistsError:  # someone else took the name meanwhile
-                    reason_file.unlink(missing_ok=True)
-                except FileNotFoundError:
-                    reason_file.unlink(missing_ok=True)
-                    return IngestResult(path, Outcome.RETRY, "vanished")
-            target = self._quarantine / relative.with_name(f"{relative.name}.{suffix}")
+        written: Path | None = None  # the reason file this call wrote
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in range(1, 100_000):
+                reason_file = target.with_name(target.name + ".reason.txt")
+                if not os.path.lexists(target) and not os.path.lexists(reason_file):
+                    fsops.write_bytes_atomically(
+                        reason_file, _reason_text(path, reason, now).encode()
+                    )
+                    written = reason_file
+                    try:
+                        self._transfer(source, target)
+                        break
+                    except FileExistsError:  # someone else took the name meanwhile
+                        reason_file.unlink(missing_ok=True)
+                        written = None
+                    except FileNotFoundError:
+                        reason_file.unlink(missing_ok=True)
+                        return IngestResult(path, Outcome.RETRY, "vanished")
+                target = self._quarantine / relative.with_name(f"{relative.name}.{suffix}")
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            # The file stays in incoming/, whole; the next scan offers it again.
+            if written is not None:
+                written.unlink(missing_ok=True)
+            self._report_quarantine_full(path, exc)
+            return IngestResult(path, Outcome.RETRY, NO_SPACE)
         with self._catalog.transaction():
             self._catalog.record_quarantine(path, str(target), reason, now)
+        self._quarantine_full_reported = False
         logger.warning("quarantined %s as %s: %s", path, target, reason)
         return IngestResult(path, Outcome.QUARANTINED, reason)
+
+    def _report_quarantine_full(self, path: str, error: OSError) -> None:
+        # One warning until a quarantine succeeds again, not one per file and attempt.
+        log = logger.debug if self._quarantine_full_reported else logger.warning
+        self._quarantine_full_reported = True
+        log(
+            "cannot quarantine %s: %s in %s; it stays in incoming and is tried again after the "
+            "next scan. Free space there",
+            path,
+            error.strerror,
+            self._quarantine,
+        )
 
 
 def _require_header(read: FileRead) -> tuple[InstanceHeader, FileIdentity]:
@@ -584,10 +749,32 @@ class SettleTracker:
 
 # ---- the worker thread -----------------------------------------------------------------
 
+# Advice in the pause warning, by what ran out of space.
+_ARCHIVE_ADVICE = "Free space, or configure [retention]"
+_CATALOG_ADVICE = "Free space on the filesystem of paths.state"
+# Failed writes in a row back off from no_space_backoff_seconds, doubling up to this.
+_MAX_NO_SPACE_BACKOFF_SECONDS = 300.0
+
+
+@dataclass(slots=True)
+class _NoSpace:
+    """A write ran out of space although the reading allowed it (a quota, a batch larger than
+    min_free, the catalog's own disk): the reading alone resumes ingest only once it has risen
+    by what did not fit; otherwise ingest tries again after the back-off."""
+
+    free_needed: int | None  # None: only the back-off (what filled up is not the archive)
+    retry_at: float  # monotonic
+    backoff: float
+
 
 class IngestWorker(threading.Thread):
     """Takes paths from the queue (fed by the watcher), settles them, reads them in worker
-    processes, and files them through the Archiver in batches."""
+    processes, and files them through the Archiver in batches.
+
+    Before each batch it reads the archive's free space (`free_space`, injectable: a fact from
+    outside); below ingest.min_free, or after a write or the catalog ran out of space, it
+    pauses: it takes no file (they wait in incoming/), re-reads every `space_recheck_seconds`
+    and resumes by itself. `paused` and `pause_reason` tell the rest of the daemon."""
 
     def __init__(
         self,
@@ -596,10 +783,14 @@ class IngestWorker(threading.Thread):
         config: IngestConfig,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        free_space: FreeSpace | None = None,
+        space_recheck_seconds: float = 5.0,
+        no_space_backoff_seconds: float = 30.0,
     ) -> None:
         super().__init__(name="ingest-worker", daemon=True)
         self._archiver = archiver
         self._reader = reader
+        self._config = config
         self._batch_size = config.batch_size
         self._tracker = SettleTracker(config.settle_seconds, config.incomplete_timeout_seconds)
         self._monotonic = monotonic
@@ -611,8 +802,16 @@ class IngestWorker(threading.Thread):
         self._in_flight = 0
         self._max_in_flight = reader.workers * 2
         self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self._free_space = free_space or free_space_of(archiver.archive)
+        self._space_recheck = space_recheck_seconds
+        self._no_space_backoff = no_space_backoff_seconds
+        self._paused = False
+        self._pause_reason = ""
+        self._pause_announced = False  # the warning is logged; the info line on resume is owed
+        self._next_space_check = 0.0
+        self._no_space: _NoSpace | None = None
 
-    # Called from other threads: only enqueue.
+    # Called from other threads: only enqueue, or read a flag.
     def offer(self, path: str, hint: Hint) -> None:
         self._queue.put((path, hint))
 
@@ -624,6 +823,16 @@ class IngestWorker(threading.Thread):
     def pending(self) -> int:
         return len(self._tracker)
 
+    @property
+    def paused(self) -> bool:
+        """Whether ingest waits for space: files stay in incoming/ until it returns."""
+        return self._paused
+
+    @property
+    def pause_reason(self) -> str:
+        """Why ingest is paused (the warning's first part), or "" while it runs."""
+        return self._pause_reason
+
     def run(self) -> None:
         logger.info("ingest worker started (%d reader processes)", self._reader.workers)
         while True:
@@ -631,7 +840,7 @@ class IngestWorker(threading.Thread):
             if stopping and self._in_flight == 0:
                 break
             self._take_from_queue(self._wait_time(stopping))
-            if not self._stopping.is_set():
+            if not self._stopping.is_set() and self._may_take_files():
                 self._poll_tracker()
                 self._submit_reads()
         logger.info(
@@ -642,6 +851,8 @@ class IngestWorker(threading.Thread):
     def _wait_time(self, stopping: bool) -> float:
         if stopping:
             return 0.5
+        if self._paused:  # only the next reading of the free space is due
+            return min(max(0.0, self._next_space_check - self._monotonic()), 1.0)
         if self._waiting_reads and self._in_flight < self._max_in_flight:
             return 0.0
         due = self._tracker.seconds_until_due(self._monotonic())
@@ -679,7 +890,7 @@ class IngestWorker(threading.Thread):
         now = self._monotonic()
         decisions = self._tracker.poll(now)
         for path, reason in decisions.to_quarantine:
-            self._count(self._archiver.quarantine(path, f"incomplete: {reason}"))
+            self._quarantine(path, f"incomplete: {reason}")
         self._waiting_reads.extend(decisions.to_read)
 
     def _submit_reads(self) -> None:
@@ -703,15 +914,27 @@ class IngestWorker(threading.Thread):
                 continue
             reason = self._tracker.read_done(read, now)
             if reason is not None:
-                self._count(self._archiver.quarantine(read.path, reason))
+                self._quarantine(read.path, reason)
         for start in range(0, len(good), self._batch_size):
             self._file_batch(good[start : start + self._batch_size])
 
     def _file_batch(self, batch: list[FileRead]) -> None:
         now = self._monotonic()
+        if not self._space_allows(now):
+            self._hold(batch, now)
+            return
         try:
             results = self._archiver.file_batch(batch)
-        except Exception:  # the batch is the failure boundary: its files stay put
+        except Exception as exc:  # the batch is the failure boundary: its files stay put
+            cause = out_of_space_cause(exc)
+            if cause is not None:
+                self._hold(batch, now)
+                self._pause_for_no_space(
+                    None,
+                    f"the catalog {self._archiver.catalog_path} cannot be written ({cause})",
+                    _CATALOG_ADVICE,
+                )
+                return
             logger.exception(
                 "filing a batch of %d files failed; they stay in incoming and are retried in 30 s",
                 len(batch),
@@ -719,17 +942,145 @@ class IngestWorker(threading.Thread):
             for read in batch:
                 self._tracker.retry(read.path, now, delay=30.0)
             return
+        sizes = {read.path: read.identity.size for read in batch if read.identity is not None}
+        unplaced = 0
+        archived = False
         for result in results:
             self._count(result)
             if result.outcome is Outcome.RETRY:
+                # Taken again without waiting for an event (after a pause: once it ends).
                 self._tracker.retry(result.source, now, delay=0.5)
+                if result.detail == NO_SPACE:
+                    unplaced += sizes.get(result.source, 0)
             else:
                 self._tracker.forget(result.source)
+                archived = archived or result.outcome is Outcome.ARCHIVED
+        if unplaced:
+            self._pause_for_no_space(unplaced, "", _ARCHIVE_ADVICE, progressed=archived)
+        elif archived and self._no_space is not None:
+            self._no_space = None  # a batch fitted: the space is back
+            self._announce_resume()
+
+    def _hold(self, batch: list[FileRead], now: float) -> None:
+        """Leave the batch's files in incoming/, to be read again once ingest takes files."""
+        for read in batch:
+            self._tracker.retry(read.path, now)
+
+    def _quarantine(self, path: str, reason: str) -> None:
+        try:
+            result = self._archiver.quarantine(path, reason)
+        except Exception:  # one file's boundary: it stays in incoming/ for the next scan
+            logger.exception(
+                "could not quarantine %s (%s); it stays in incoming and is tried again after "
+                "the next scan",
+                path,
+                reason,
+            )
+            return
+        self._count(result)
 
     def _count(self, result: IngestResult) -> None:
         self.counts[result.outcome] += 1
         if result.outcome is Outcome.ARCHIVED:
             logger.debug("archived %s as %s", result.source, result.detail)
+
+    # -- pausing for space --
+
+    def _may_take_files(self) -> bool:
+        return not self._paused or self._space_allows(self._monotonic())
+
+    def _read_free_space(self) -> tuple[int, int] | None:
+        try:
+            return self._free_space()
+        except OSError as exc:
+            # Unknown is not full: the moves themselves say what is wrong with the archive.
+            logger.debug("cannot read the free space of %s: %s", self._archiver.archive, exc)
+            return None
+
+    def _space_allows(self, now: float) -> bool:
+        """Whether files may be taken now. Reads the archive's free space (while paused, only
+        every space_recheck_seconds) and pauses or resumes ingest as it says."""
+        if self._paused and now < self._next_space_check:
+            return False
+        self._next_space_check = now + self._space_recheck
+        reading = self._read_free_space()
+        if reading is not None:
+            free, total = reading
+            reason = space_pause_reason(self._archiver.archive, free, total, self._config)
+            if reason:
+                self._pause(reason, _ARCHIVE_ADVICE)
+                return False
+        no_space = self._no_space
+        if no_space is not None:
+            needed = no_space.free_needed
+            if reading is not None and needed is not None and reading[0] >= needed:
+                self._no_space = None  # what did not fit fits now
+            elif now < no_space.retry_at:
+                return False
+        if self._paused:
+            self._paused = False
+            self._pause_reason = ""
+            if self._no_space is None:
+                self._announce_resume(reading)
+            else:  # announced once a batch fits: it may run out of space again at once
+                logger.debug("trying again after %.0f s of no space", self._no_space.backoff)
+        return True
+
+    def _pause(self, reason: str, advice: str) -> None:
+        self._pause_reason = reason
+        self._paused = True
+        if self._pause_announced:
+            logger.debug("ingest still paused: %s", reason)
+            return
+        self._pause_announced = True
+        logger.warning(
+            "%s: ingest paused; %d files wait in incoming. %s", reason, self.pending, advice
+        )
+
+    def _pause_for_no_space(
+        self, unplaced: int | None, reason: str, advice: str, *, progressed: bool = False
+    ) -> None:
+        """A write failed for want of space: pause, whatever the reading says, until it has
+        risen by `unplaced` bytes (None: never mind the reading) or the back-off passed."""
+        now = self._monotonic()
+        previous = self._no_space
+        backoff = self._no_space_backoff
+        if previous is not None and not progressed:  # failed again at once: wait longer
+            backoff = min(previous.backoff * 2, _MAX_NO_SPACE_BACKOFF_SECONDS)
+        reading = self._read_free_space()
+        free_needed = None
+        if unplaced is not None and reading is not None:
+            free_needed = reading[0] + unplaced
+        self._no_space = _NoSpace(free_needed, now + backoff, backoff)
+        self._next_space_check = now + self._space_recheck
+        if not reason:
+            archive = self._archiver.archive
+            if reading is not None:
+                reason = space_pause_reason(archive, reading[0], reading[1], self._config)
+            if not reason:
+                # The reading allowed the batch: say what the write said (a quota, say).
+                error = self._archiver.last_no_space_error
+                what = error.strerror if error is not None else "no space"
+                free = "?" if reading is None else format_size(reading[0])
+                reason = (
+                    f"archive filesystem {archive} ran out of space: {what} ({free} free, "
+                    f"ingest.min_free = {self._config.min_free}; {format_size(unplaced or 0)} did "
+                    "not fit)"
+                )
+        self._pause(reason, advice)
+
+    def _announce_resume(self, reading: tuple[int, int] | None = None) -> None:
+        if not self._pause_announced:
+            return
+        self._pause_announced = False
+        reading = reading or self._read_free_space()
+        free = "?" if reading is None else format_size(reading[0])
+        logger.info(
+            "ingest resumed (archive filesystem %s has %s free); %d files wait in incoming",
+            self._archiver.archive,
+            free,
+            self.pending,
+        )
 
 
 def ingest_paths(
@@ -741,19 +1092,30 @@ def ingest_paths(
     progress: Callable[[IngestResult], None],
 ) -> dict[Outcome, int]:
     """One-shot import of the given files through the same reading and filing code as the
-    daemon. Files are taken as they are: an incomplete one is quarantined at once."""
+    daemon. Files are taken as they are: an incomplete one is quarantined at once. Once the
+    archive is out of space, the remaining instances are not tried: each is reported as
+    Outcome.RETRY with detail NO_SPACE, and left where it is."""
     counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
     chunks: list[Future[list[FileRead]]] = []
     chunk: list[str] = []
+    out_of_space = False
 
     def file_all(reads: list[FileRead]) -> None:
+        nonlocal out_of_space
         while reads:
+            if out_of_space:
+                for read in reads:
+                    counts[Outcome.RETRY] += 1
+                    progress(IngestResult(read.path, Outcome.RETRY, NO_SPACE))
+                return
             by_path = {read.path: read for read in reads}
             reads = []
             for result in archiver.file_batch(list(by_path.values())):
                 if result.outcome is Outcome.RETRY and result.detail == SAME_UID_IN_BATCH:
                     reads.append(by_path[result.source])  # filed after its twin, in a new batch
                     continue
+                if result.outcome is Outcome.RETRY and result.detail == NO_SPACE:
+                    out_of_space = True
                 counts[result.outcome] += 1
                 progress(result)
 
