@@ -157,6 +157,14 @@ MIGRATIONS: tuple[str, ...] = (
         result TEXT NOT NULL DEFAULT ''
     );
     """,
+    # v3: retention. A study can be protected from pruning; one being pruned is marked first
+    # (start-up finishes what a crash interrupted); NIfTI bytes count towards what a prune
+    # frees.
+    """
+    ALTER TABLE studies ADD COLUMN protected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE studies ADD COLUMN deleting_since REAL;
+    ALTER TABLE conversions ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -164,11 +172,17 @@ class CatalogError(Exception):
     """The catalog cannot be used as it is; the message says what to do."""
 
 
+class StudyBeingDeletedError(Exception):
+    """An instance arrived for a study that retention is deleting right now: try it again
+    once the deletion is done (it then starts a new study)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StudyPlacement:
     study_row_id: int
     folder_id: int
     folder_name: str
+    being_deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +283,37 @@ class ConversionSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class PrunableStudy:
+    """What retention decides a study's fate by."""
+
+    study_row_id: int
+    study_instance_uid: str
+    folder_name: str
+    study_date: str
+    study_description: str
+    received_at: float  # the last instance's arrival
+    bytes: int  # DICOM and NIfTI files: what deleting the study frees
+    protected: bool
+    waiting_series: int  # series without a current NIfTI
+
+
+@dataclass(frozen=True, slots=True)
+class StudyDeletion:
+    """A study marked for deletion and where its files are (below the archive root)."""
+
+    study_row_id: int
+    study_instance_uid: str
+    folder_id: int
+    folder_name: str
+    study_date: str
+    study_description: str
+    dicom_dir: str  # <folder>/DICOM/<patient>/<study>
+    nifti_dir: str | None  # <folder>/NIFTI/<study>, if it was ever converted
+    bytes: int
+    deleting_since: float
+
+
+@dataclass(frozen=True, slots=True)
 class JobRun:
     started_at: float
     finished_at: float | None
@@ -330,12 +375,15 @@ class Catalog:
         try:
             yield
             self._flush_received()
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR):
+            # a second ROLLBACK would raise and hide the error that matters.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._placed.clear()
             self._received.clear()
             raise
-        self._db.execute("COMMIT")
 
     def _flush_received(self) -> None:
         """Series and studies learn their latest arrival once per transaction, not per file."""
@@ -364,11 +412,11 @@ class Catalog:
     def study_placement(self, study_instance_uid: str) -> StudyPlacement | None:
         """Where the study's first instance put it, or None for a new study."""
         row = self._db.execute(
-            "SELECT s.id, s.folder_id, f.name FROM studies s JOIN folders f ON f.id = s.folder_id "
-            "WHERE s.study_instance_uid = ?",
+            "SELECT s.id, s.folder_id, f.name, s.deleting_since IS NOT NULL FROM studies s"
+            " JOIN folders f ON f.id = s.folder_id WHERE s.study_instance_uid = ?",
             (study_instance_uid,),
         ).fetchone()
-        return StudyPlacement(*row) if row else None
+        return StudyPlacement(row[0], row[1], row[2], bool(row[3])) if row else None
 
     def folder_named(self, name: str, name_key: str, now: float) -> tuple[int, str]:
         """The folder whose key is name_key, created as `name` if none has it yet.
@@ -517,9 +565,13 @@ class Catalog:
         key = ("study", header.study_instance_uid)
         placed = self._placed_row(
             key,
-            "SELECT id, dir_name FROM studies WHERE study_instance_uid = ?",
+            "SELECT id, CASE WHEN deleting_since IS NULL THEN dir_name END FROM studies"
+            " WHERE study_instance_uid = ?",
             (header.study_instance_uid,),
         )
+        if placed is not None and placed[1] is None:
+            self._placed.pop(key, None)
+            raise StudyBeingDeletedError(header.study_instance_uid)
         if placed is not None:
             self._note_received("studies", placed[0], received_at)
             return placed
@@ -943,6 +995,7 @@ class Catalog:
         engine: str,
         engine_version: str,
         outputs: list[str],
+        output_bytes: int,
         now: float,
     ) -> None:
         """Record what the conversion of the series as of series.last_received_at gave.
@@ -952,7 +1005,7 @@ class Catalog:
         """
         self._db.execute(
             "UPDATE conversions SET state = ?, reason = ?, engine = ?, engine_version = ?,"
-            " outputs = ?, finished_at = ?,"
+            " outputs = ?, output_bytes = ?, finished_at = ?,"
             " attempts = CASE WHEN ? != 'failed' THEN 0"
             "  WHEN series_received_at IS ? THEN attempts + 1 ELSE 1 END,"
             " series_received_at = ? WHERE series_row_id = ?",
@@ -962,6 +1015,7 @@ class Catalog:
                 engine,
                 engine_version,
                 json.dumps(sorted(outputs)),
+                output_bytes,
                 now,
                 state,
                 series.last_received_at,
@@ -1033,6 +1087,134 @@ class Catalog:
             "SELECT started_at, finished_at, result FROM job_runs WHERE name = ?", (name,)
         ).fetchone()
         return JobRun(*row) if row else None
+
+    # ---- retention -----------------------------------------------------------------------
+
+    def prunable_studies(self) -> list[PrunableStudy]:
+        """Every study not already being deleted, with what retention needs to know."""
+        rows = self._db.execute(
+            "SELECT st.id, st.study_instance_uid, f.name, st.study_date, st.study_description,"
+            " st.last_received_at, coalesce(dicom.bytes, 0) + coalesce(nifti.bytes, 0),"
+            " st.protected, coalesce(waiting.series, 0)"
+            " FROM studies st JOIN folders f ON f.id = st.folder_id"
+            " LEFT JOIN (SELECT se.study_row_id AS study_row_id, sum(i.size) AS bytes"
+            "  FROM instances i JOIN series se ON se.id = i.series_row_id"
+            "  GROUP BY se.study_row_id) dicom ON dicom.study_row_id = st.id"
+            " LEFT JOIN (SELECT study_row_id, sum(output_bytes) AS bytes FROM conversions"
+            "  GROUP BY study_row_id) nifti ON nifti.study_row_id = st.id"
+            " LEFT JOIN (SELECT se.study_row_id AS study_row_id, count(*) AS series"
+            "  FROM series se LEFT JOIN conversions c ON c.series_row_id = se.id"
+            "  WHERE c.state IS NULL OR c.state = 'pending'"
+            "  OR c.series_received_at IS NOT se.last_received_at"
+            "  GROUP BY se.study_row_id) waiting ON waiting.study_row_id = st.id"
+            " WHERE st.deleting_since IS NULL"
+        )
+        return [
+            PrunableStudy(
+                row_id, uid, folder, date, description, received, size, bool(protected), waiting
+            )
+            for row_id, uid, folder, date, description, received, size, protected, waiting in rows
+        ]
+
+    def archive_bytes(self) -> int:
+        """DICOM and NIfTI bytes the catalog knows of."""
+        dicom = self._db.execute("SELECT coalesce(sum(size), 0) FROM instances").fetchone()[0]
+        nifti = self._db.execute(
+            "SELECT coalesce(sum(output_bytes), 0) FROM conversions"
+        ).fetchone()[0]
+        return int(dicom) + int(nifti)
+
+    def set_study_protected(self, study_instance_uid: str, protected: bool) -> bool:
+        """Protect a study from pruning (or lift it); False if there is no such study."""
+        cursor = self._db.execute(
+            "UPDATE studies SET protected = ? WHERE study_instance_uid = ?",
+            (int(protected), study_instance_uid),
+        )
+        return cursor.rowcount > 0
+
+    def mark_study_deleting(
+        self, study_row_id: int, planned_received_at: float, now: float
+    ) -> StudyDeletion | None:
+        """Commit the decision to delete a study, unless it changed since it was planned (new
+        instances, protected, or gone): then None. Start-up finishes a marked deletion."""
+        with self.transaction():
+            changed = self._db.execute(
+                "SELECT 1 FROM studies WHERE id = ? AND deleting_since IS NULL"
+                " AND protected = 0 AND last_received_at = ?",
+                (study_row_id, planned_received_at),
+            ).fetchone()
+            if not changed:
+                return None
+            self._db.execute(
+                "UPDATE studies SET deleting_since = ? WHERE id = ?", (now, study_row_id)
+            )
+            return self._deletion(study_row_id)
+
+    def studies_being_deleted(self) -> list[StudyDeletion]:
+        rows = self._db.execute(
+            "SELECT id FROM studies WHERE deleting_since IS NOT NULL ORDER BY deleting_since"
+        ).fetchall()
+        deletions = [self._deletion(row_id) for (row_id,) in rows]
+        return [deletion for deletion in deletions if deletion is not None]
+
+    def _deletion(self, study_row_id: int) -> StudyDeletion | None:
+        row = self._db.execute(
+            "SELECT st.id, st.study_instance_uid, f.id, f.name, st.study_date,"
+            " st.study_description, p.dir_name, st.dir_name, ns.dir_name, st.deleting_since,"
+            " (SELECT coalesce(sum(i.size), 0) FROM instances i JOIN series se"
+            "  ON se.id = i.series_row_id WHERE se.study_row_id = st.id)"
+            " + (SELECT coalesce(sum(output_bytes), 0) FROM conversions"
+            "  WHERE study_row_id = st.id)"
+            " FROM studies st JOIN folders f ON f.id = st.folder_id"
+            " JOIN patients p ON p.id = st.patient_row_id"
+            " LEFT JOIN nifti_studies ns ON ns.study_row_id = st.id WHERE st.id = ?",
+            (study_row_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        (row_id, uid, folder_id, folder, date, description, patient_dir, study_dir, nifti_dir,
+         deleting_since, size) = row  # fmt: skip
+        return StudyDeletion(
+            study_row_id=row_id,
+            study_instance_uid=uid,
+            folder_id=folder_id,
+            folder_name=folder,
+            study_date=date,
+            study_description=description,
+            dicom_dir=f"{folder}/DICOM/{patient_dir}/{study_dir}",
+            nifti_dir=f"{folder}/NIFTI/{nifti_dir}" if nifti_dir else None,
+            bytes=int(size),
+            deleting_since=deleting_since,
+        )
+
+    def delete_study(self, study_row_id: int, now: float) -> None:
+        """Remove a study's rows (its files are gone) and mark its folder's DICOMDIR dirty."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT folder_id, patient_row_id FROM studies WHERE id = ?", (study_row_id,)
+            ).fetchone()
+            if row is None:
+                return
+            folder_id, patient_row_id = row
+            series = "SELECT id FROM series WHERE study_row_id = ?"
+            self._db.execute(
+                "DELETE FROM ingest_journal WHERE instance_row_id IN"
+                f" (SELECT id FROM instances WHERE series_row_id IN ({series}))",
+                (study_row_id,),
+            )
+            self._db.execute(
+                f"DELETE FROM instances WHERE series_row_id IN ({series})", (study_row_id,)
+            )
+            self._db.execute("DELETE FROM conversions WHERE study_row_id = ?", (study_row_id,))
+            self._db.execute("DELETE FROM series WHERE study_row_id = ?", (study_row_id,))
+            self._db.execute("DELETE FROM nifti_studies WHERE study_row_id = ?", (study_row_id,))
+            self._db.execute("DELETE FROM studies WHERE id = ?", (study_row_id,))
+            self._db.execute(
+                "DELETE FROM patients WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM studies WHERE patient_row_id = ?)",
+                (patient_row_id, patient_row_id),
+            )
+            self.mark_folders_changed({folder_id}, now)
 
 
 NameFn = Callable[[str, int], str]
