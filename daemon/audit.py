@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon.catalog import Catalog, JobRun
-from daemon.config import PathsConfig
+from daemon.config import IngestConfig, PathsConfig
 from daemon.convert import CONVERT_JOB
 from daemon.dicomdir import DICOMDIR, DicomdirReadError, read_dicomdir_references
 from daemon.fsops import TEMP_PREFIX
-from daemon.ingest import is_ignored_name
+from daemon.ingest import is_ignored_name, space_pause_reason
+from daemon.retention import RETENTION_JOB
 
 
 @dataclass
@@ -131,7 +132,7 @@ def count_incoming(incoming: Path) -> int:
     return count
 
 
-def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
+def status_report(catalog: Catalog, paths: PathsConfig, ingest: IngestConfig) -> dict[str, Any]:
     summary = catalog.summary()
     conversions = catalog.conversion_summary()
     last_run = catalog.last_job_run(CONVERT_JOB)
@@ -145,6 +146,8 @@ def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
         "quarantined": summary.quarantined,
         "duplicates": summary.duplicates,
         "incoming_pending": count_incoming(paths.incoming),
+        # The daemon pauses ingest by the same rule; this reads the disk, not the daemon.
+        "ingest_paused_reason": space_pause_reason(paths.archive, disk.free, disk.total, ingest),
         "moves_in_flight": summary.moves_in_flight,
         "disk": {
             "path": str(paths.archive),
@@ -153,6 +156,7 @@ def status_report(catalog: Catalog, paths: PathsConfig) -> dict[str, Any]:
             "free_bytes": disk.free,
             "free_percent": round(100.0 * disk.free / disk.total, 1) if disk.total else 0.0,
         },
+        "retention": _job_run_text(catalog.last_job_run(RETENTION_JOB)),
         "conversions": {
             **conversions.counts,
             "last_run": _job_run_text(last_run),

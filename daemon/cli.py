@@ -19,9 +19,10 @@ from daemon.config import render_config as render_effective_config
 from daemon.convert import ConversionBusyError, run_conversions
 from daemon.dicomdir import UnknownFolderError, rewrite_due_folders, rewrite_folder
 from daemon.ingest import ParallelReader, effective_workers, ingest_paths, is_ignored_name
-from daemon.model import IngestResult, Outcome
+from daemon.model import IngestResult, Outcome, format_size
 from daemon.nifti import EngineNotFoundError
-from daemon.service import ServiceError, open_archiver, run_daemon
+from daemon.retention import PruneBusyError, PrunePlan, effective_policy, prune_now
+from daemon.service import ServiceError, open_archiver, prepare_paths, run_daemon
 
 logger = logging.getLogger("dcmdb")
 
@@ -40,7 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         return int(args.handler(config, args))
-    except (ServiceError, CatalogError, ConversionBusyError, EngineNotFoundError) as exc:
+    except (
+        ServiceError,
+        CatalogError,
+        ConversionBusyError,
+        EngineNotFoundError,
+        PruneBusyError,
+    ) as exc:
         print(f"dcmdb: {exc}", file=sys.stderr)
         return EX_FAILURE
 
@@ -103,6 +110,24 @@ def _parser() -> argparse.ArgumentParser:
         help="convert this series (SeriesInstanceUID) now, whatever its state: a retry",
     )
     convert.set_defaults(handler=_convert)
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete the oldest studies now if space is low, by the [retention] rules",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="show what would be deleted and why; delete nothing"
+    )
+    prune.add_argument("--json", action="store_true", help="machine-readable output")
+    prune.set_defaults(handler=_prune)
+
+    for name, protected, text in (
+        ("protect", True, "never prune this study"),
+        ("unprotect", False, "let retention prune this study again"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("study_instance_uid", metavar="STUDY_UID")
+        command.set_defaults(handler=_protect, protected=protected)
 
     check_config = commands.add_parser(
         "check-config", help="validate the config and print the effective settings"
@@ -178,7 +203,7 @@ def _check_config(config: Config, _args: argparse.Namespace) -> int:
 def _status(config: Config, args: argparse.Namespace) -> int:
     catalog = Catalog(config.paths.state)
     try:
-        report = status_report(catalog, config.paths)
+        report = status_report(catalog, config.paths, config.ingest)
     finally:
         catalog.close()
     if args.json:
@@ -188,15 +213,18 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     print(f"archive     {config.paths.archive}")
     print(
         f"instances   {report['instances']} in {report['series']} series, "
-        f"{report['studies']} studies ({_size(report['bytes'])})"
+        f"{report['studies']} studies ({format_size(report['bytes'])})"
     )
     print(f"incoming    {report['incoming_pending']} files waiting")
+    if report["ingest_paused_reason"]:
+        print(f"INGEST PAUSED: {report['ingest_paused_reason']}")
     print(f"quarantined {report['quarantined']} (see {config.paths.quarantine})")
     print(f"duplicates  {report['duplicates']} dropped")
     print(
-        f"disk        {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])} "
+        f"disk        {format_size(disk['free_bytes'])} free of {format_size(disk['total_bytes'])} "
         f"({disk['free_percent']}%)"
     )
+    print(f"retention   {report['retention'] or 'off, or not run yet'}")
     conversions = report["conversions"]
     print(
         "nifti       "
@@ -211,7 +239,7 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         for name, folder in report["folders"].items():
             print(
                 f"{name:<40} {folder['studies']:>8} {folder['series']:>8} "
-                f"{folder['instances']:>10} {_size(folder['bytes']):>10}"
+                f"{folder['instances']:>10} {format_size(folder['bytes']):>10}"
             )
     return EX_OK
 
@@ -306,6 +334,92 @@ def _convert(config: Config, args: argparse.Namespace) -> int:
     return EX_FAILURE if run.counts["failed"] else EX_OK
 
 
+def _prune(config: Config, args: argparse.Namespace) -> int:
+    if not config.retention.enabled:
+        print(
+            "dcmdb: retention is off: set retention.low_free and retention.target_free in "
+            f"{config.source} (see README, Retention)",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    prepare_paths(config.paths)
+    catalog = Catalog(config.paths.state)
+    try:
+        plan, result = prune_now(
+            catalog,
+            effective_policy(config.retention, config.convert.enabled),
+            config.paths.archive,
+            config.paths.state,
+            dry_run=args.dry_run,
+            now=time.time,
+        )
+        if result.deleted:  # leave every folder it touched a valid File-set
+            rewrite_due_folders(
+                catalog, config.paths.archive, config.dicomdir, now=time.time(), ignore_delay=True
+            )
+    finally:
+        catalog.close()
+    if args.json:
+        report = plan.as_dict()
+        report["dry_run"] = args.dry_run
+        report["deleted"] = [deletion.study_instance_uid for deletion in result.deleted]
+        report["changed_since_planned"] = result.skipped
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_plan(plan, dry_run=args.dry_run)
+        if result.skipped:
+            print(f"{len(result.skipped)} planned studies changed since (new instances): kept")
+    return EX_OK
+
+
+def _print_plan(plan: PrunePlan, *, dry_run: bool) -> None:
+    disk = plan.disk
+    print(
+        f"free {format_size(disk.free_bytes)} of {format_size(disk.total_bytes)}; "
+        f"low_free {format_size(plan.low_free_bytes)}, target_free "
+        f"{format_size(plan.target_free_bytes)}; archive {format_size(disk.archive_bytes)}"
+    )
+    if not plan.trigger:
+        print("nothing to prune: space is above retention.low_free")
+        return
+    print(f"prune: {plan.trigger}; to free: {format_size(plan.needed_bytes)}")
+    rows = [("delete", item) for item in plan.deletions] + [("keep", item) for item in plan.kept]
+    if rows:
+        print()
+        print(f"{'':<7}{'received':<12}{'study date':<12}{'size':>10}  {'folder':<24}why / study")
+    for action, item in rows:
+        study = item.study
+        received = time.strftime("%Y-%m-%d", time.localtime(study.received_at))
+        print(
+            f"{action:<7}{received:<12}{study.study_date or '-':<12}"
+            f"{format_size(study.bytes):>10}  {study.folder_name:<24}{item.reason}"
+        )
+        print(f"{'':<7}{study.study_instance_uid}  {study.study_description}")
+    verb = "would free" if dry_run else "freed"
+    print(f"\n{len(plan.deletions)} studies, {verb} {format_size(plan.freed_bytes)}")
+    if plan.limited:
+        print("retention.max_studies_per_run reached: the next check goes on")
+    if plan.shortfall_bytes:
+        print(
+            f"WARNING: {format_size(plan.shortfall_bytes)} short of the target and nothing "
+            "more may be pruned (see why each study is kept above)"
+        )
+
+
+def _protect(config: Config, args: argparse.Namespace) -> int:
+    catalog = Catalog(config.paths.state)
+    try:
+        found = catalog.set_study_protected(args.study_instance_uid, args.protected)
+    finally:
+        catalog.close()
+    if not found:
+        print(f"dcmdb: no study {args.study_instance_uid} in the catalog", file=sys.stderr)
+        return EX_FAILURE
+    state = "protected from pruning" if args.protected else "no longer protected"
+    print(f"study {args.study_instance_uid}: {state}")
+    return EX_OK
+
+
 def _ingest(config: Config, args: argparse.Namespace) -> int:
     files = list(_expand(args.paths))
     progress = _Progress(len(files), sys.stderr)
@@ -333,7 +447,12 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
         f"{len(files)} files: {counts[Outcome.ARCHIVED]} archived, "
         f"{counts[Outcome.DUPLICATE]} duplicates dropped, "
         f"{counts[Outcome.QUARANTINED]} quarantined"
-        + (f", {counts[Outcome.RETRY]} vanished" if counts[Outcome.RETRY] else "")
+        + (
+            f", {counts[Outcome.RETRY]} not archived (vanished, changed while read, or no "
+            "space left): run the command again"
+            if counts[Outcome.RETRY]
+            else ""
+        )
     )
     if counts[Outcome.QUARANTINED]:
         print(f"see the .reason.txt files in {config.paths.quarantine}")
@@ -393,15 +512,6 @@ class _Progress:
     def finish(self) -> None:
         if self._tty and self._total:
             self._stream.write("\n")
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 if __name__ == "__main__":

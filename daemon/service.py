@@ -17,10 +17,18 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.catalog import Catalog
-from daemon.config import Config, ConvertConfig, DicomdirConfig, PathsConfig
+from daemon.config import Config, ConvertConfig, DicomdirConfig, PathsConfig, RetentionConfig
 from daemon.convert import CONVERT_JOB, ConversionBusyError, run_conversions
 from daemon.dicomdir import rewrite_due_folders
 from daemon.ingest import Archiver, IngestWorker, ParallelReader, effective_workers
+from daemon.retention import (
+    RETENTION_JOB,
+    PruneBusyError,
+    describe_outcome,
+    effective_policy,
+    finish_interrupted_prunes,
+    prune_now,
+)
 from daemon.schedule import WallClockCronTrigger, run_was_missed
 from daemon.watcher import IncomingWatcher
 
@@ -58,6 +66,7 @@ def open_archiver(config: Config, *, keep_source: bool = False) -> Iterator[Arch
             keep_source=keep_source,
         )
         archiver.recover()
+        finish_interrupted_prunes(catalog, config.paths.archive, time.time())
         yield archiver
     finally:
         catalog.close()
@@ -96,8 +105,34 @@ def start_scheduler(config: Config, stop: threading.Event) -> BackgroundSchedule
             trigger,
             ": a missed run starts now" if missed else "",
         )
+    if config.retention.enabled:
+        scheduler.add_job(
+            _retention_job,
+            "interval",
+            minutes=config.retention.check_every_minutes,
+            args=[effective_policy(config.retention, config.convert.enabled), config.paths],
+            id=RETENTION_JOB,
+            name="prune the oldest studies when space is low",
+            next_run_time=datetime.now(UTC),
+        )
     scheduler.start()
     return scheduler
+
+
+def _retention_job(settings: RetentionConfig, paths: PathsConfig) -> None:
+    catalog = Catalog(paths.state)  # one connection per job run: jobs run in threads
+    started = time.time()
+    try:
+        plan, result = prune_now(
+            catalog, settings, paths.archive, paths.state, dry_run=False, now=time.time
+        )
+        catalog.record_job_run(RETENTION_JOB, started, time.time(), describe_outcome(plan, result))
+    except PruneBusyError as exc:
+        logger.info("retention check skipped: %s", exc)
+    except Exception:  # the job's boundary: log it, the next check tries again
+        logger.exception("the retention check failed; the next check tries again")
+    finally:
+        catalog.close()
 
 
 def conversion_run_missed(config: Config, trigger: WallClockCronTrigger, now: datetime) -> bool:

@@ -20,7 +20,7 @@ import psutil
 import pydicom
 import pytest
 
-from daemon.catalog import Catalog
+from daemon.catalog import MIGRATIONS, Catalog
 from daemon.config import load_config
 from daemon.convert import CONVERT_JOB, NIFTI_DIR, run_conversions
 from daemon.schedule import WallClockCronTrigger, run_was_missed
@@ -465,14 +465,28 @@ def test_converted_voxels_sit_where_the_dicom_says_in_world_space(
             assert data[index] == pixels[r, c]
 
 
-def test_the_conversion_catalog_is_a_migration_of_the_shipped_schema(volume: Volume) -> None:
+def test_a_catalog_of_the_first_release_is_migrated_with_its_rows_kept(volume: Volume) -> None:
+    path = volume.state / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
+    db.execute(
+        "INSERT INTO folders (name, name_key, created_at, file_set_uid)"
+        " VALUES ('Smith_John', 'smith_john', 1.0, '2.25.1')"
+    )
+    db.commit()
+    db.close()
+
     catalog = Catalog(volume.state)
-    catalog.close()
-    db = sqlite3.connect(volume.state / "catalog.sqlite")
+    try:
+        assert catalog.folder_names() == ["Smith_John"]
+        assert catalog.conversion_summary().counts["pending"] == 0
+    finally:
+        catalog.close()
+    db = sqlite3.connect(path)
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     finally:
         db.close()
-    assert version == 2
+    assert version == len(MIGRATIONS)
     assert {"conversions", "nifti_studies", "job_runs"} <= tables

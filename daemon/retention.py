@@ -1,0 +1,394 @@
+"""Retention: when space runs low, delete the oldest studies, and never the wrong ones.
+
+`plan_prune` is pure: from the catalog's studies, the disk figures and `[retention]` it lists
+the studies to delete, oldest first, with the bytes each frees (from the catalog, never by
+re-reading free space: a file another process holds open frees nothing at unlink, and a loop
+on the free-space reading would then delete study after study) and why each candidate it
+passed over was kept. `apply_prune` deletes exactly what a plan lists, each study as one
+recoverable step:
+
+1. the decision is committed in the catalog (the study is marked deleting) and recorded in
+   `state/pruned.jsonl` and the folder's `PRUNED.txt`;
+2. its DICOM folder and NIfTI folder are renamed into `archive/.trash/<n>/` (same
+   filesystem, hidden, vetoed by Samba): they vanish from the share at once;
+3. the trash is deleted, then the study's catalog rows, and the folder's DICOMDIR is marked
+   for a rewrite.
+
+A crash anywhere after 1 leaves the study marked; `finish_interrupted_prunes` (at start-up)
+completes it. Nothing is deleted that was not planned, and a study that received instances
+since it was planned is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.catalog import Catalog, PrunableStudy, StudyDeletion
+from daemon.config import RetentionConfig
+from daemon.fsops import LockBusyError, exclusive_lock
+from daemon.model import format_size
+
+logger = logging.getLogger(__name__)
+
+RETENTION_JOB = "retention"
+TRASH_DIR = ".trash"
+LOCK_FILE = "retention.lock"
+PRUNED_LOG = "pruned.jsonl"
+PRUNED_NOTE = "PRUNED.txt"
+_DAY = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFigures:
+    """The archive filesystem as statvfs sees it, and what the catalog holds on it."""
+
+    total_bytes: int
+    free_bytes: int
+    archive_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PruneDecision:
+    study: PrunableStudy
+    reason: str  # why it is deleted, or why it is kept
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    now: float
+    disk: DiskFigures
+    low_free_bytes: int
+    target_free_bytes: int
+    max_archive_bytes: int | None
+    trigger: str  # why space must be freed; "" when it need not
+    needed_bytes: int
+    deletions: tuple[PruneDecision, ...] = ()
+    kept: tuple[PruneDecision, ...] = ()
+    limited: bool = False  # max_studies_per_run stopped it: the next check goes on
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(decision.study.bytes for decision in self.deletions)
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """What is still missing after the plan, when nothing more may be pruned."""
+        if self.limited:
+            return 0
+        return max(0, self.needed_bytes - self.freed_bytes)
+
+    def as_dict(self) -> dict[str, Any]:
+        def decision(item: PruneDecision) -> dict[str, Any]:
+            return {**asdict(item.study), "reason": item.reason}
+
+        return {
+            "now": self.now,
+            "disk": asdict(self.disk),
+            "low_free_bytes": self.low_free_bytes,
+            "target_free_bytes": self.target_free_bytes,
+            "max_archive_bytes": self.max_archive_bytes,
+            "trigger": self.trigger,
+            "needed_bytes": self.needed_bytes,
+            "freed_bytes": self.freed_bytes,
+            "shortfall_bytes": self.shortfall_bytes,
+            "limited": self.limited,
+            "deletions": [decision(item) for item in self.deletions],
+            "kept": [decision(item) for item in self.kept],
+        }
+
+
+def plan_prune(
+    studies: Sequence[PrunableStudy], disk: DiskFigures, policy: RetentionConfig, now: float
+) -> PrunePlan:
+    """The studies to delete, oldest first, until the target is met (see the module
+    docstring). Pure: the same inputs give the same plan."""
+    low = policy.low_free_threshold
+    target = policy.target_free_threshold
+    low_free = low.bytes_of(disk.total_bytes) if low else 0
+    target_free = target.bytes_of(disk.total_bytes) if target else low_free
+    triggers: list[str] = []
+    needed = 0
+    if low is not None and disk.free_bytes < low_free:
+        triggers.append(
+            f"free space {format_size(disk.free_bytes)} is below retention.low_free = "
+            f"{policy.low_free} ({format_size(low_free)})"
+        )
+        needed = max(needed, target_free - disk.free_bytes)
+    if policy.max_archive_bytes is not None and disk.archive_bytes > policy.max_archive_bytes:
+        triggers.append(
+            f"the archive holds {format_size(disk.archive_bytes)}, more than "
+            f"retention.max_archive_size = {policy.max_archive_size}"
+        )
+        needed = max(needed, disk.archive_bytes - policy.max_archive_bytes)
+    plan = PrunePlan(
+        now=now,
+        disk=disk,
+        low_free_bytes=low_free,
+        target_free_bytes=target_free,
+        max_archive_bytes=policy.max_archive_bytes,
+        trigger="; ".join(triggers),
+        needed_bytes=needed,
+    )
+    if needed <= 0:
+        return plan
+    min_age = policy.min_age_days * _DAY
+    deletions: list[PruneDecision] = []
+    kept: list[PruneDecision] = []
+    freed = 0
+    limited = False
+    for study in sorted(studies, key=_order_key(policy.order)):
+        if freed >= needed:
+            break
+        if len(deletions) >= policy.max_studies_per_run:
+            limited = True
+            break
+        age_days = (now - study.received_at) / _DAY
+        if policy.is_protected(study.folder_name):
+            reason = f"its folder {study.folder_name!r} is in retention.protect"
+        elif study.protected:
+            reason = "protected (dcmdb protect)"
+        elif now - study.received_at < min_age:
+            reason = (
+                f"received {age_days:.1f} days ago, within retention.min_age_days = "
+                f"{policy.min_age_days:g}"
+            )
+        elif policy.keep_unconverted and study.waiting_series:
+            reason = (
+                f"{study.waiting_series} series not converted to NIfTI yet "
+                "(retention.keep_unconverted)"
+            )
+        else:
+            deletions.append(
+                PruneDecision(study, f"the oldest unprotected study ({age_days:.0f} days old)")
+            )
+            freed += study.bytes
+            continue
+        kept.append(PruneDecision(study, reason))
+    return PrunePlan(
+        now=plan.now,
+        disk=disk,
+        low_free_bytes=low_free,
+        target_free_bytes=target_free,
+        max_archive_bytes=policy.max_archive_bytes,
+        trigger=plan.trigger,
+        needed_bytes=needed,
+        deletions=tuple(deletions),
+        kept=tuple(kept),
+        limited=limited,
+    )
+
+
+def _order_key(order: str) -> Callable[[PrunableStudy], tuple[Any, ...]]:
+    if order == "study_date":
+        # A study without a date sorts by the day it was received.
+        return lambda study: (
+            study.study_date or datetime.fromtimestamp(study.received_at).strftime("%Y%m%d"),
+            study.received_at,
+            study.study_row_id,
+        )
+    return lambda study: (study.received_at, study.study_row_id)
+
+
+def describe_outcome(plan: PrunePlan, result: PruneResult) -> str:
+    """One line for `dcmdb status`: what the last check found and did."""
+    if not plan.trigger:
+        return f"space OK ({format_size(plan.disk.free_bytes)} free)"
+    text = (
+        f"{plan.trigger}: deleted {len(result.deleted)} studies, {format_size(result.freed_bytes)}"
+    )
+    if plan.shortfall_bytes:
+        text += (
+            f"; STILL SHORT by {format_size(plan.shortfall_bytes)}: nothing more may be pruned "
+            "(see `dcmdb prune --dry-run`)"
+        )
+    return text
+
+
+def effective_policy(policy: RetentionConfig, conversion_enabled: bool) -> RetentionConfig:
+    """keep_unconverted protects studies waiting for the conversion job; with the job off,
+    nothing is waiting, and it would protect every study forever."""
+    if policy.keep_unconverted and not conversion_enabled:
+        return dataclasses.replace(policy, keep_unconverted=False)
+    return policy
+
+
+class PruneBusyError(Exception):
+    """Another prune (the daemon's check or a `dcmdb prune`) is running."""
+
+
+def prune_now(
+    catalog: Catalog,
+    policy: RetentionConfig,
+    archive: Path,
+    state_dir: Path,
+    *,
+    dry_run: bool,
+    now: Callable[[], float],
+) -> tuple[PrunePlan, PruneResult]:
+    """What the daemon's check and `dcmdb prune` do: finish interrupted deletions, plan on
+    the current figures, apply the plan. One at a time per archive."""
+    try:
+        with exclusive_lock(state_dir / LOCK_FILE):
+            if not dry_run:
+                finish_interrupted_prunes(catalog, archive, now())
+            plan = plan_prune(
+                catalog.prunable_studies(), disk_figures(catalog, archive), policy, now()
+            )
+            result = apply_prune(plan, catalog, archive, state_dir, dry_run=dry_run, now=now)
+    except LockBusyError as exc:
+        raise PruneBusyError(
+            "another prune is running (the daemon's retention check or a `dcmdb prune`); "
+            "try again when it is done"
+        ) from exc
+    return plan, result
+
+
+def disk_figures(catalog: Catalog, archive: Path) -> DiskFigures:
+    usage = shutil.disk_usage(archive)
+    return DiskFigures(usage.total, usage.free, catalog.archive_bytes())
+
+
+# ---- applying a plan ---------------------------------------------------------------------
+
+
+@dataclass
+class PruneResult:
+    deleted: list[StudyDeletion] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # planned, but changed since: kept
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(deletion.bytes for deletion in self.deleted)
+
+
+def apply_prune(
+    plan: PrunePlan,
+    catalog: Catalog,
+    archive: Path,
+    state_dir: Path,
+    *,
+    dry_run: bool,
+    now: Callable[[], float],
+) -> PruneResult:
+    """Delete exactly the studies the plan lists (see the module docstring)."""
+    result = PruneResult()
+    if plan.trigger:
+        logger.warning(
+            "retention%s: %s; %d studies to delete (%s)",
+            " (dry run)" if dry_run else "",
+            plan.trigger,
+            len(plan.deletions),
+            format_size(plan.freed_bytes),
+        )
+    for decision in plan.deletions:
+        study = decision.study
+        if dry_run:
+            logger.info(
+                "(dry run) would delete study %s in %s (%s): %s",
+                study.study_instance_uid,
+                study.folder_name,
+                format_size(study.bytes),
+                decision.reason,
+            )
+            continue
+        deletion = catalog.mark_study_deleting(study.study_row_id, study.received_at, now())
+        if deletion is None:
+            logger.info(
+                "study %s changed since it was planned (new instances or protected): kept",
+                study.study_instance_uid,
+            )
+            result.skipped.append(study.study_instance_uid)
+            continue
+        _record(deletion, archive, state_dir, plan.trigger or decision.reason)
+        _finish_deletion(deletion, catalog, archive, now())
+        result.deleted.append(deletion)
+    if plan.shortfall_bytes:
+        logger.warning(
+            "retention: space is still low and nothing more may be pruned: %s short of the "
+            "target. The studies kept and why: `dcmdb prune --dry-run`. Free space, protect "
+            "less, or lower retention.min_age_days",
+            format_size(plan.shortfall_bytes),
+        )
+    return result
+
+
+def finish_interrupted_prunes(catalog: Catalog, archive: Path, now: float) -> int:
+    """Complete the deletions a crash interrupted, then empty the trash; returns how many
+    studies were finished."""
+    deletions = catalog.studies_being_deleted()
+    for deletion in deletions:
+        logger.info(
+            "finishing the deletion of study %s in %s, interrupted by a crash",
+            deletion.study_instance_uid,
+            deletion.folder_name,
+        )
+        _finish_deletion(deletion, catalog, archive, now)
+    trash = archive / TRASH_DIR
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    return len(deletions)
+
+
+def _finish_deletion(deletion: StudyDeletion, catalog: Catalog, archive: Path, now: float) -> None:
+    """Steps 2 and 3; each is idempotent, so a crash anywhere is finished by running it
+    again."""
+    trash = archive / TRASH_DIR / str(deletion.study_row_id)
+    trash.mkdir(parents=True, exist_ok=True)
+    for name, relative in (("DICOM", deletion.dicom_dir), ("NIFTI", deletion.nifti_dir)):
+        if relative is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(archive / relative, trash / name)
+    shutil.rmtree(trash)
+    catalog.delete_study(deletion.study_row_id, now)
+    # The patient folder, emptied by its last study, goes too (the DICOMDIR lists it no more).
+    with contextlib.suppress(FileNotFoundError, OSError):
+        (archive / deletion.dicom_dir).parent.rmdir()
+
+
+def _record(deletion: StudyDeletion, archive: Path, state_dir: Path, reason: str) -> None:
+    """One JSON line in state/pruned.jsonl for the admin, one text line in the physician
+    folder for the researcher who misses the study."""
+    when = datetime.fromtimestamp(deletion.deleting_since).astimezone()
+    entry = {
+        "time": when.isoformat(timespec="seconds"),
+        "folder": deletion.folder_name,
+        "study_instance_uid": deletion.study_instance_uid,
+        "study_date": deletion.study_date,
+        "study_description": deletion.study_description,
+        "bytes": deletion.bytes,
+        "reason": reason,
+    }
+    _append_line(state_dir / PRUNED_LOG, json.dumps(entry, ensure_ascii=False))
+    described = " ".join(
+        part for part in (_display_date(deletion.study_date), deletion.study_description) if part
+    )
+    _append_line(
+        archive / deletion.folder_name / PRUNED_NOTE,
+        f"{when:%Y-%m-%d %H:%M}  deleted study {described or '(no date, no description)'}"
+        f" ({format_size(deletion.bytes)}, StudyInstanceUID {deletion.study_instance_uid}):"
+        f" {reason}. Ask your admin if you still need it; the PACS may hold a copy.",
+    )
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _display_date(study_date: str) -> str:
+    if len(study_date) == 8 and study_date.isdigit():
+        return f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:]}"
+    return study_date
