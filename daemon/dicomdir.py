@@ -31,6 +31,7 @@ instance's own character set.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -680,6 +681,13 @@ def rewrite_due_folders(
         started = time.monotonic()
         try:
             count = rewrite_folder(catalog, archive, folder, now=now)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # every other folder would fail too: the caller waits for room
+            logger.exception(
+                "rewriting the DICOMDIR of %s failed; it is tried again at the next run", folder
+            )
+            continue
         except Exception:
             logger.exception(
                 "rewriting the DICOMDIR of %s failed; it is tried again at the next run", folder

@@ -20,7 +20,13 @@ from daemon.catalog import Catalog
 from daemon.config import Config, ConvertConfig, DicomdirConfig, PathsConfig, RetentionConfig
 from daemon.convert import CONVERT_JOB, ConversionBusyError, run_conversions
 from daemon.dicomdir import rewrite_due_folders
-from daemon.ingest import Archiver, IngestWorker, ParallelReader, effective_workers
+from daemon.ingest import (
+    Archiver,
+    IngestWorker,
+    ParallelReader,
+    effective_workers,
+    is_out_of_space,
+)
 from daemon.retention import (
     RETENTION_JOB,
     PruneBusyError,
@@ -83,7 +89,7 @@ def start_scheduler(config: Config, stop: threading.Event) -> BackgroundSchedule
         _dicomdir_job,
         "interval",
         seconds=_dicomdir_check_interval(config.dicomdir),
-        args=[config, _FirstRun()],
+        args=[config, _FirstRun(), _NoSpaceNotice()],
         id="dicomdir",
         name="rewrite DICOMDIRs of changed folders",
         next_run_time=datetime.now(UTC),
@@ -173,7 +179,7 @@ class _FirstRun:
         return first
 
 
-def _dicomdir_job(config: Config, first_run: _FirstRun) -> None:
+def _dicomdir_job(config: Config, first_run: _FirstRun, no_space: _NoSpaceNotice) -> None:
     catalog = Catalog(config.paths.state)  # one connection per job run: jobs run in threads
     try:
         rewrite_due_folders(
@@ -183,8 +189,30 @@ def _dicomdir_job(config: Config, first_run: _FirstRun) -> None:
             now=time.time(),
             ignore_delay=first_run(),
         )
+        no_space.clear()
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        # The folders stay dirty and are rewritten once there is room; say so once, not at
+        # every check.
+        no_space.warn("DICOMDIR rewrites wait: no space left on the archive filesystem")
     finally:
         catalog.close()
+
+
+class _NoSpaceNotice:
+    """One warning per episode of a full disk, from a job that runs every few seconds."""
+
+    def __init__(self) -> None:
+        self._warned = False
+
+    def warn(self, message: str) -> None:
+        if not self._warned:
+            logger.warning("%s", message)
+            self._warned = True
+
+    def clear(self) -> None:
+        self._warned = False
 
 
 @dataclass
