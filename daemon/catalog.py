@@ -879,7 +879,7 @@ class Catalog:
         fewer than max_attempts times with its current instances. Naming a series converts it
         whatever its state (an admin's retry).
         """
-        where = ["1"]
+        where = ["st.deleting_since IS NULL"]  # retention is deleting the study
         params: list[object] = []
         if series_instance_uid is not None:
             where.append("se.series_instance_uid = ?")
@@ -1124,13 +1124,23 @@ class Catalog:
         ).fetchone()[0]
         return int(dicom) + int(nifti)
 
-    def set_study_protected(self, study_instance_uid: str, protected: bool) -> bool:
-        """Protect a study from pruning (or lift it); False if there is no such study."""
-        cursor = self._db.execute(
-            "UPDATE studies SET protected = ? WHERE study_instance_uid = ?",
-            (int(protected), study_instance_uid),
-        )
-        return cursor.rowcount > 0
+    def set_study_protected(self, study_instance_uid: str, protected: bool) -> str:
+        """Protect a study from pruning (or lift it): "done", "unknown" (no such study) or
+        "deleting" (retention is deleting it: too late)."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT deleting_since IS NOT NULL FROM studies WHERE study_instance_uid = ?",
+                (study_instance_uid,),
+            ).fetchone()
+            if row is None:
+                return "unknown"
+            if row[0]:
+                return "deleting"
+            self._db.execute(
+                "UPDATE studies SET protected = ? WHERE study_instance_uid = ?",
+                (int(protected), study_instance_uid),
+            )
+            return "done"
 
     def mark_study_deleting(
         self, study_row_id: int, planned_received_at: float, now: float

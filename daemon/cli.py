@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dcmdb: invalid configuration:\n{exc}", file=sys.stderr)
         return EX_CONFIG
-    _setup_logging(args.log_level or config.logging.level, config.logging.format)
+    _setup_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
     try:
         return int(args.handler(config, args))
     except (
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         help="config file (default: $DCMDB_CONFIG, ./config.toml, /etc/dcmdb/config.toml)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="override logging.format: text (journald-friendly) or one JSON object per line",
     )
     parser.add_argument(
         "--log-level",
@@ -353,7 +358,7 @@ def _prune(config: Config, args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             now=time.time,
         )
-        if result.deleted:  # leave every folder it touched a valid File-set
+        if not args.dry_run:  # leave every folder it touched a valid File-set
             rewrite_due_folders(
                 catalog, config.paths.archive, config.dicomdir, now=time.time(), ignore_delay=True
             )
@@ -409,11 +414,18 @@ def _print_plan(plan: PrunePlan, *, dry_run: bool) -> None:
 def _protect(config: Config, args: argparse.Namespace) -> int:
     catalog = Catalog(config.paths.state)
     try:
-        found = catalog.set_study_protected(args.study_instance_uid, args.protected)
+        outcome = catalog.set_study_protected(args.study_instance_uid, args.protected)
     finally:
         catalog.close()
-    if not found:
+    if outcome == "unknown":
         print(f"dcmdb: no study {args.study_instance_uid} in the catalog", file=sys.stderr)
+        return EX_FAILURE
+    if outcome == "deleting":
+        print(
+            f"dcmdb: study {args.study_instance_uid} is being deleted by retention; too late "
+            "to protect it (see state/pruned.jsonl)",
+            file=sys.stderr,
+        )
         return EX_FAILURE
     state = "protected from pruning" if args.protected else "no longer protected"
     print(f"study {args.study_instance_uid}: {state}")

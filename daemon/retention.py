@@ -115,7 +115,9 @@ def plan_prune(
     low = policy.low_free_threshold
     target = policy.target_free_threshold
     low_free = low.bytes_of(disk.total_bytes) if low else 0
-    target_free = target.bytes_of(disk.total_bytes) if target else low_free
+    # A target below the trigger (possible when one is a percentage and the other a size)
+    # would stop before the trigger is cleared: prune to the higher of the two.
+    target_free = max(target.bytes_of(disk.total_bytes) if target else 0, low_free)
     triggers: list[str] = []
     needed = 0
     if low is not None and disk.free_bytes < low_free:
@@ -240,10 +242,12 @@ def prune_now(
     try:
         with exclusive_lock(state_dir / LOCK_FILE):
             if not dry_run:
-                finish_interrupted_prunes(catalog, archive, now())
-            plan = plan_prune(
-                catalog.prunable_studies(), disk_figures(catalog, archive), policy, now()
-            )
+                _finish_interrupted_prunes(catalog, archive, state_dir, now())
+            studies = catalog.prunable_studies()
+            usage = shutil.disk_usage(archive)
+            # No study is being deleted now, so the studies' bytes are the archive's.
+            disk = DiskFigures(usage.total, usage.free, sum(study.bytes for study in studies))
+            plan = plan_prune(studies, disk, policy, now())
             result = apply_prune(plan, catalog, archive, state_dir, dry_run=dry_run, now=now)
     except LockBusyError as exc:
         raise PruneBusyError(
@@ -322,16 +326,28 @@ def apply_prune(
     return result
 
 
-def finish_interrupted_prunes(catalog: Catalog, archive: Path, now: float) -> int:
+def finish_interrupted_prunes(catalog: Catalog, archive: Path, state_dir: Path, now: float) -> int:
     """Complete the deletions a crash interrupted, then empty the trash; returns how many
-    studies were finished."""
+    studies were finished. Takes the prune lock: a prune in progress is left alone (0)."""
+    try:
+        with exclusive_lock(state_dir / LOCK_FILE):
+            return _finish_interrupted_prunes(catalog, archive, state_dir, now)
+    except LockBusyError:
+        logger.info("a prune is in progress; it finishes its own deletions")
+        return 0
+
+
+def _finish_interrupted_prunes(catalog: Catalog, archive: Path, state_dir: Path, now: float) -> int:
     deletions = catalog.studies_being_deleted()
+    recorded = _recorded_studies(state_dir) if deletions else set()
     for deletion in deletions:
         logger.info(
             "finishing the deletion of study %s in %s, interrupted by a crash",
             deletion.study_instance_uid,
             deletion.folder_name,
         )
+        if deletion.study_instance_uid not in recorded:  # killed between marking and recording
+            _record(deletion, archive, state_dir, "interrupted deletion finished at start-up")
         _finish_deletion(deletion, catalog, archive, now)
     trash = archive / TRASH_DIR
     if trash.is_dir():
@@ -379,6 +395,19 @@ def _record(deletion: StudyDeletion, archive: Path, state_dir: Path, reason: str
         f" ({format_size(deletion.bytes)}, StudyInstanceUID {deletion.study_instance_uid}):"
         f" {reason}. Ask your admin if you still need it; the PACS may hold a copy.",
     )
+
+
+def _recorded_studies(state_dir: Path) -> set[str]:
+    """Study UIDs state/pruned.jsonl already records."""
+    recorded: set[str] = set()
+    try:
+        with open(state_dir / PRUNED_LOG, encoding="utf-8") as log:
+            for line in log:
+                with contextlib.suppress(ValueError, AttributeError):
+                    recorded.add(json.loads(line).get("study_instance_uid", ""))
+    except FileNotFoundError:
+        pass
+    return recorded
 
 
 def _append_line(path: Path, line: str) -> None:
