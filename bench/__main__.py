@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import convert, dicomdir, ingest
+from bench import convert, dicomdir, ingest, retention
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--convert-series", type=int, default=20, help="convert: series")
     parser.add_argument("--convert-slices", type=int, default=100, help="convert: slices each")
     parser.add_argument(
-        "--only", choices=["ingest", "dicomdir", "convert"], help="run one benchmark"
+        "--only", choices=["ingest", "dicomdir", "convert", "retention"], help="run one benchmark"
     )
     args = parser.parse_args()
     if args.only in (None, "ingest"):
@@ -26,6 +26,8 @@ def main() -> None:
         dicomdir.run(instances=args.dicomdir_instances)
     if args.only in (None, "convert"):
         convert.run(series=args.convert_series, slices=args.convert_slices)
+    if args.only in (None, "retention"):
+        retention.run()
 
 
 if __name__ == "__main__":
