@@ -4,10 +4,12 @@ scheduler (APScheduler 3) whose jobs are idempotent catch-ups over the catalog; 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +19,15 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.catalog import Catalog
-from daemon.config import Config, ConvertConfig, DicomdirConfig, PathsConfig, RetentionConfig
+from daemon.config import (
+    Config,
+    ConfigError,
+    ConvertConfig,
+    DicomdirConfig,
+    PathsConfig,
+    RetentionConfig,
+    load_config,
+)
 from daemon.convert import CONVERT_JOB, ConversionBusyError, run_conversions
 from daemon.dicomdir import rewrite_due_folders
 from daemon.ingest import (
@@ -72,7 +82,7 @@ def open_archiver(config: Config, *, keep_source: bool = False) -> Iterator[Arch
             keep_source=keep_source,
         )
         archiver.recover()
-        finish_interrupted_prunes(catalog, config.paths.archive, time.time())
+        finish_interrupted_prunes(catalog, config.paths.archive, config.paths.state, time.time())
         yield archiver
     finally:
         catalog.close()
@@ -85,6 +95,14 @@ def start_scheduler(config: Config, stop: threading.Event) -> BackgroundSchedule
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
+    schedule_jobs(scheduler, config, stop)
+    scheduler.start()
+    return scheduler
+
+
+def schedule_jobs(scheduler: BackgroundScheduler, config: Config, stop: threading.Event) -> None:
+    """(Re)define every job from `config`; a run in progress finishes under the old one."""
+    scheduler.remove_all_jobs()
     scheduler.add_job(
         _dicomdir_job,
         "interval",
@@ -121,8 +139,6 @@ def start_scheduler(config: Config, stop: threading.Event) -> BackgroundSchedule
             name="prune the oldest studies when space is low",
             next_run_time=datetime.now(UTC),
         )
-    scheduler.start()
-    return scheduler
 
 
 def _retention_job(settings: RetentionConfig, paths: PathsConfig) -> None:
@@ -215,22 +231,56 @@ class _NoSpaceNotice:
         self._warned = False
 
 
+class SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET; does nothing when systemd did not ask for it."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._socket: socket.socket | None = None
+        if self._address:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        usec = environ.get("WATCHDOG_USEC", "")
+        pid = environ.get("WATCHDOG_PID", "")
+        watchdog = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
+        # sd_watchdog_enabled(3): ping at half the interval at least.
+        self.watchdog_interval = int(usec) / 2e6 if watchdog else 0.0
+
+    def send(self, *fields: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto("\n".join(fields).encode(), self._address)
+        except OSError as exc:  # systemd gone or restarting: nothing to tell
+            logger.debug("sd_notify to %s failed: %s", self._address, exc)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+
+
 @dataclass
-class _StopRequest:
-    event: threading.Event
-    signal_name: str = ""
+class _Signals:
+    stop: threading.Event
+    reload: threading.Event
+    stop_name: str = ""
 
 
-def run_daemon(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the process exit code."""
-    stop = _StopRequest(threading.Event())
+def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config. Returns the exit code."""
+    signals = _Signals(threading.Event(), threading.Event())
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.signal_name = signal.Signals(signum).name
-        stop.event.set()
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        signals.stop_name = signal.Signals(signum).name
+        signals.stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        signals.reload.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hangup)
+    notifier = SystemdNotifier(environ)
 
     with open_archiver(config) as archiver:
         reader = ParallelReader(effective_workers(config.ingest.parse_workers))
@@ -238,7 +288,7 @@ def run_daemon(config: Config) -> int:
         watcher = IncomingWatcher(config.paths.incoming, worker.offer, config.ingest)
         worker.start()
         watcher.start()
-        scheduler = start_scheduler(config, stop.event)
+        scheduler = start_scheduler(config, signals.stop)
         logger.info(
             "dcmdb running: incoming %s (%s), archive %s, config %s",
             config.paths.incoming,
@@ -246,26 +296,104 @@ def run_daemon(config: Config) -> int:
             config.paths.archive,
             config.source,
         )
+        # READY only now: the observer, the ingest worker and the scheduler all run.
+        notifier.send("READY=1", f"MAINPID={os.getpid()}", _status_line(config, worker))
         exit_code = 0
-        last_report = time.monotonic()
-        while not stop.event.wait(1.0):
-            if not worker.is_alive() or not watcher.is_alive() or not scheduler.running:
-                logger.error("a daemon thread died; exiting so that systemd restarts dcmdb")
+        last_report = last_ping = time.monotonic()
+        tick = min(1.0, notifier.watchdog_interval or 1.0)
+        while not signals.stop.wait(tick):
+            dead = _dead_parts(worker, watcher, scheduler)
+            if dead:
+                # No more WATCHDOG=1: systemd would restart a hung daemon; a dead part is
+                # certain, so exit at once and let Restart=on-failure do it.
+                logger.error("%s stopped; exiting so that systemd restarts dcmdb", dead)
                 exit_code = 1
                 break
-            if time.monotonic() - last_report >= 60.0:
-                last_report = time.monotonic()
+            now = time.monotonic()
+            if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval / 2:
+                last_ping = now
+                notifier.send("WATCHDOG=1", _status_line(config, worker))
+            if signals.reload.is_set():
+                signals.reload.clear()
+                config = _reload(config, scheduler, signals.stop, notifier)
+            if now - last_report >= 60.0:
+                last_report = now
+                notifier.send(_status_line(config, worker))
                 logger.info(
-                    "ingest: %d files pending; so far %s",
+                    "ingest: %d files pending; so far %s%s",
                     worker.pending,
                     ", ".join(f"{o.value}={n}" for o, n in worker.counts.items()),
+                    f"; PAUSED: {worker.pause_reason}" if worker.paused else "",
                 )
-        if stop.signal_name:
-            logger.info("%s received: finishing the files in hand", stop.signal_name)
+        notifier.send("STOPPING=1")
+        if signals.stop_name:
+            logger.info("%s received: finishing the files in hand", signals.stop_name)
         watcher.stop()
         worker.stop()
         worker.join(timeout=60.0)
         reader.shutdown()
         scheduler.shutdown(wait=True)
+    notifier.close()
     logger.info("dcmdb stopped")
     return exit_code
+
+
+def _dead_parts(
+    worker: IngestWorker, watcher: IncomingWatcher, scheduler: BackgroundScheduler
+) -> str:
+    if not watcher.is_alive():
+        return "the observer of the incoming folder (was the folder removed?)"
+    if not worker.is_alive():
+        return "the ingest worker"
+    if not scheduler.running:
+        return "the scheduler"
+    return ""
+
+
+def _status_line(config: Config, worker: IngestWorker) -> str:
+    """STATUS= for `systemctl status`: the queue and the latest job results."""
+    catalog = Catalog(config.paths.state)
+    try:
+        jobs = {name: catalog.last_job_run(name) for name in (CONVERT_JOB, RETENTION_JOB)}
+    finally:
+        catalog.close()
+    parts = [f"queue {worker.pending}"]
+    if worker.paused:
+        parts.append("INGEST PAUSED (disk full)")
+    for name, run in jobs.items():
+        if run is not None:
+            parts.append(f"{name}: {run.result}")
+    return "STATUS=" + "; ".join(parts)
+
+
+def _reload(
+    config: Config, scheduler: BackgroundScheduler, stop: threading.Event, notifier: SystemdNotifier
+) -> Config:
+    """SIGHUP: the new config if it is valid (jobs and log level follow it at once; paths
+    and ingest settings at the next restart), else the running one, unchanged."""
+    notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        new = load_config(config.source)
+    except ConfigError as exc:
+        logger.error(
+            "SIGHUP: %s is not valid; still running on the previous configuration:\n%s",
+            config.source,
+            exc,
+        )
+        notifier.send("READY=1", "STATUS=config reload failed: running on the previous one")
+        return config
+    schedule_jobs(scheduler, new, stop)
+    logging.getLogger().setLevel(new.logging.level.upper())
+    needs_restart = [
+        name
+        for name in ("paths", "ingest", "sorting")
+        if getattr(new, name) != getattr(config, name)
+    ]
+    if needs_restart:
+        logger.warning(
+            "SIGHUP: changes in [%s] take effect at the next restart (systemctl restart dcmdb)",
+            "], [".join(needs_restart),
+        )
+    logger.info("SIGHUP: reloaded %s", config.source)
+    notifier.send("READY=1")
+    return new

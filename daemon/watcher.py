@@ -126,8 +126,12 @@ class IncomingWatcher:
             self._rescanner.join(timeout=10)
 
     def is_alive(self) -> bool:
-        observer_ok = self._observer is not None and self._observer.is_alive()
-        return observer_ok and self._rescanner.is_alive()
+        """The observer, its event emitters and the rescan thread all run. An inotify emitter
+        stops for good when the watched folder is removed or unmounted."""
+        observer = self._observer
+        if observer is None or not observer.is_alive() or not self._rescanner.is_alive():
+            return False
+        return all(emitter.is_alive() for emitter in observer.emitters)
 
     def _rescan_loop(self) -> None:
         while not self._stop.is_set():
