@@ -1121,3 +1121,29 @@ def test_status_shows_space_ok_after_a_daemon_check(
     (line,) = [line for line in status.stdout.splitlines() if line.startswith("retention")]
     assert "space OK" in line
     assert "free" in line
+
+
+def test_the_bytes_a_study_frees_are_its_files_on_disk_after_ingest_duplicates_and_conversion(
+    volume: Volume, tmp_path: Path
+) -> None:
+    volume.config = write_config(volume.root, convert={"settle_minutes": 0})
+    study = "1.2.826.0.1.3680043.8.498.901"
+    first = write_series(tmp_path / "a", SeriesSpec(study_instance_uid=study, slices=4))
+    write_series(tmp_path / "b", SeriesSpec(study_instance_uid=study, series_number=2, slices=3))
+    shutil.copy(first[0], tmp_path / "b" / "duplicate.dcm")  # dropped, counts nothing
+    assert dcmdb(volume, "ingest", str(tmp_path / "a"), str(tmp_path / "b")).returncode == 0
+    assert dcmdb(volume, "convert").returncode == 0
+
+    catalog = Catalog(volume.state)
+    try:
+        (prunable,) = catalog.prunable_studies()
+    finally:
+        catalog.close()
+    folder = volume.archive / prunable.folder_name
+    on_disk = sum(p.stat().st_size for p in (folder / "DICOM").rglob("*") if p.is_file())
+    on_disk += sum(
+        p.stat().st_size
+        for p in (folder / "NIFTI").rglob("*")
+        if p.is_file() and p.name != "conversion.txt"
+    )
+    assert prunable.bytes == on_disk
