@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -196,3 +197,40 @@ def test_sighup_applies_a_changed_schedule_and_keeps_the_old_config_when_broken(
     for path in (tmp_path / "more").iterdir():
         os.rename(path, volume.incoming / path.name)
     wait_for(lambda: volume.count("instances") == 5, what="ingest to go on after the bad reload")
+
+
+def test_json_logs_of_a_day_in_the_life_hold_no_patient_name_or_id(
+    volume: Volume, listener: NotifyListener, notified: list[NotifiedDaemon], tmp_path: Path
+) -> None:
+    volume.config = write_config(
+        volume.root, logging={"format": "json", "level": "debug"}, convert={"settle_minutes": 0}
+    )
+    spec = SeriesSpec(patient_name="Zyxwvuts^Qponm", patient_id="PATID-98765", slices=3)
+    files = write_series(tmp_path / "in", spec)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "not-dicom.dcm").write_bytes(b"plain text, not DICOM")
+    daemon = _start(volume, listener, notified)
+    wait_for(lambda: listener.fields("READY"), what="READY=1")
+    for path in [*files, tmp_path / "bad" / "not-dicom.dcm"]:
+        os.rename(path, volume.incoming / path.name)
+    wait_for(lambda: volume.count("instances") == 3, what="the series to be archived")
+    wait_for(lambda: len(volume.quarantined_files()) == 1, what="the bad file's quarantine")
+    assert daemon.finish() == 0
+    converted = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(volume.config), "convert"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert converted.returncode == 0, converted.stderr
+    assert volume.query("SELECT state FROM conversions") == [("converted",)]
+
+    for log in (daemon.log(), converted.stderr):
+        lines = [line for line in log.splitlines() if line.strip()]
+        assert lines
+        for line in lines:
+            entry = json.loads(line)  # every line is one JSON object
+            assert {"time", "level", "logger", "message"} <= entry.keys()
+        assert "Zyxwvuts" not in log
+        assert "Qponm" not in log
+        assert "PATID-98765" not in log
