@@ -15,11 +15,14 @@ set up.
 
 ``[retention]`` deletes studies, which cannot be undone, so it is off unless ``low_free`` is set
 and then has no default for how far it prunes (``target_free``).
+
+``[metrics]`` (a Prometheus endpoint) is off by default, and listens on loopback when on.
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -56,6 +59,7 @@ __all__ = [
     "DicomdirConfig",
     "IngestConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PathsConfig",
     "RetentionConfig",
     "SortingConfig",
@@ -354,6 +358,22 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint, ``http://<address>:<port>/metrics``; off unless enabled.
+
+    It carries counts and sizes only, never a patient's name or ID, and has no authentication:
+    keep ``address`` on loopback and let a reverse proxy (with TLS and a password) or a
+    Prometheus on the same host reach it. Any IP address is accepted, as an admin may know
+    better (a dedicated monitoring interface), but not a host name: a name may resolve to an
+    address on every interface.
+    """
+
+    enabled: bool = False
+    address: str = "127.0.0.1"  # an IP address literal (IPv4 or IPv6), not a host name
+    port: int = 9723
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path  # the config file that was loaded (absolute)
     paths: PathsConfig
@@ -363,6 +383,7 @@ class Config:
     dicomdir: DicomdirConfig = field(default_factory=DicomdirConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _SECTIONS: Final = {
@@ -372,6 +393,7 @@ _SECTIONS: Final = {
     "dicomdir": DicomdirConfig,
     "convert": ConvertConfig,
     "retention": RetentionConfig,
+    "metrics": MetricsConfig,
     "logging": LoggingConfig,
 }
 
@@ -484,6 +506,7 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         max_folder_length=sorting.max_folder_length,
         ingest_min_free=ingest.min_free if min_free_valid else None,
     )
+    metrics = _load_metrics(_optional_table(document, "metrics", errors), errors)
     logging = _load_logging(_optional_table(document, "logging", errors), errors)
     if paths is None:
         return None
@@ -496,6 +519,7 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         dicomdir=dicomdir,
         convert=convert,
         retention=retention,
+        metrics=metrics,
     )
 
 
@@ -1466,6 +1490,32 @@ def _load_retention(
     )
 
 
+def _load_metrics(table: Mapping[str, object], errors: list[str]) -> MetricsConfig:
+    default = MetricsConfig()
+    section = _Section(("metrics",), table, _keys(MetricsConfig), errors)
+    return MetricsConfig(
+        enabled=section.boolean("enabled", default.enabled),
+        address=_load_ip_address(section, "address", default.address),
+        # 0 would be "any free port": nothing could find the endpoint.
+        port=section.integer("port", default.port, minimum=1, maximum=65535),
+    )
+
+
+def _load_ip_address(section: _Section, key: str, default: str) -> str:
+    """An IPv4 or IPv6 address literal, as written."""
+    value = section.string(key, default)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        section.error(
+            key,
+            'expected an IP address such as "127.0.0.1" (loopback, the safe choice) or "::1", '
+            f"got {_describe(value)}; a host name is not accepted",
+        )
+        return default
+    return value
+
+
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
     default = LoggingConfig()
     section = _Section(("logging",), table, _keys(LoggingConfig), errors)
@@ -1496,6 +1546,7 @@ def render_config(config: Config) -> str:
         | DicomdirConfig
         | ConvertConfig
         | RetentionConfig
+        | MetricsConfig
         | LoggingConfig,
     ] = {
         "paths": config.paths,
@@ -1504,6 +1555,7 @@ def render_config(config: Config) -> str:
         "dicomdir": config.dicomdir,
         "convert": config.convert,
         "retention": config.retention,
+        "metrics": config.metrics,
         "logging": config.logging,
     }
     for name, section in sections.items():

@@ -257,11 +257,6 @@ def prune_now(
     return plan, result
 
 
-def disk_figures(catalog: Catalog, archive: Path) -> DiskFigures:
-    usage = shutil.disk_usage(archive)
-    return DiskFigures(usage.total, usage.free, catalog.archive_bytes())
-
-
 # ---- applying a plan ---------------------------------------------------------------------
 
 

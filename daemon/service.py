@@ -37,6 +37,8 @@ from daemon.ingest import (
     effective_workers,
     is_out_of_space,
 )
+from daemon.metrics import LiveFigures, MetricsServer, MetricsServerError
+from daemon.model import Outcome
 from daemon.retention import (
     RETENTION_JOB,
     PruneBusyError,
@@ -286,8 +288,26 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
         reader = ParallelReader(effective_workers(config.ingest.parse_workers))
         worker = IngestWorker(archiver, reader, config.ingest)
         watcher = IncomingWatcher(config.paths.incoming, worker.offer, config.ingest)
+        metrics = MetricsServer(
+            config.metrics,
+            config.paths.state,
+            config.paths.archive,
+            live=lambda: LiveFigures(
+                queue_depth=worker.pending,
+                ingest_paused=worker.paused,
+                ingested_since_start=worker.counts[Outcome.ARCHIVED],
+                quarantined_since_start=worker.counts[Outcome.QUARANTINED],
+                duplicates_since_start=worker.counts[Outcome.DUPLICATE],
+            ),
+        )
         worker.start()
         watcher.start()
+        try:
+            metrics.start()
+        except MetricsServerError as exc:
+            # Metrics are optional: a taken port must not stop the archive (a restart loop
+            # would stop ingest); Prometheus shows the target down.
+            logger.error("%s; running without metrics", exc)
         scheduler = start_scheduler(config, signals.stop)
         logger.info(
             "dcmdb running: incoming %s (%s), archive %s, config %s",
@@ -333,6 +353,7 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
         worker.join(timeout=60.0)
         reader.shutdown()
         scheduler.shutdown(wait=True)
+        metrics.stop()
     notifier.close()
     logger.info("dcmdb stopped")
     return exit_code
@@ -386,7 +407,7 @@ def _reload(
     logging.getLogger().setLevel(new.logging.level.upper())
     needs_restart = [
         name
-        for name in ("paths", "ingest", "sorting")
+        for name in ("paths", "ingest", "sorting", "metrics")
         if getattr(new, name) != getattr(config, name)
     ]
     if needs_restart:

@@ -27,6 +27,7 @@ from daemon.config import (
     ConvertConfig,
     IngestConfig,
     LoggingConfig,
+    MetricsConfig,
     PathsConfig,
     RetentionConfig,
     SortingConfig,
@@ -124,7 +125,14 @@ def test_shipped_config_lists_every_key_with_its_default_value() -> None:
     document = tomllib.loads(SHIPPED_CONFIG.read_text(encoding="utf-8"))
     config = load_config(SHIPPED_CONFIG)
 
-    for section in (IngestConfig, SortingConfig, LoggingConfig, PathsConfig, ConvertConfig):
+    for section in (
+        IngestConfig,
+        SortingConfig,
+        LoggingConfig,
+        PathsConfig,
+        ConvertConfig,
+        MetricsConfig,
+    ):
         name = section.__name__.removesuffix("Config").lower()
         assert set(document[name]) == {
             field.name for field in dataclasses.fields(section) if field.init
@@ -133,6 +141,9 @@ def test_shipped_config_lists_every_key_with_its_default_value() -> None:
     assert config.sorting == SortingConfig()
     assert config.logging == LoggingConfig()
     assert config.convert == ConvertConfig()
+    # An open port is the admin's decision: the shipped file leaves the endpoint off.
+    assert config.metrics == MetricsConfig()
+    assert not config.metrics.enabled
     # Deleting studies cannot be undone: the shipped file leaves retention off.
     assert "retention" not in document
     assert config.retention == RetentionConfig()
@@ -1724,6 +1735,82 @@ def test_retention_config_is_hashable_and_immutable() -> None:
         retention.low_free = "5%"  # type: ignore[misc]
 
 
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_section_absent_is_off_on_loopback(tmp_path: Path) -> None:
+    metrics = load_config(write_config(tmp_path, "")).metrics
+
+    assert metrics == MetricsConfig()
+    assert metrics.enabled is False
+    assert metrics.address == "127.0.0.1"
+    assert metrics.port == 9723
+
+
+def test_every_metrics_key_is_read_as_written(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[metrics]\nenabled = true\naddress = "::1"\nport = 9100\n')
+
+    assert load_config(path).metrics == MetricsConfig(enabled=True, address="::1", port=9100)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.1.2.3", "0.0.0.0", "::"])
+def test_metrics_address_may_be_any_ip_address(tmp_path: Path, address: str) -> None:
+    # Loopback is the advice (config.toml says why), not a rule: a dedicated monitoring
+    # interface, or every interface behind a firewall, is the admin's call.
+    path = write_config(tmp_path, f"[metrics]\naddress = {toml_string(address)}\n")
+
+    assert load_config(path).metrics.address == address
+
+
+@pytest.mark.parametrize("address", ["localhost", "metrics.example.org", "127.0.0.1:9723", ""])
+def test_metrics_address_that_is_not_an_ip_address_is_refused(tmp_path: Path, address: str) -> None:
+    path = write_config(tmp_path, f"[metrics]\naddress = {toml_string(address)}\n")
+
+    assert load_errors(path) == [
+        'metrics.address: expected an IP address such as "127.0.0.1" (loopback, the safe '
+        f'choice) or "::1", got {toml_string(address)}; a host name is not accepted'
+    ]
+
+
+def test_metrics_mistakes_are_all_reported_at_once_in_key_order(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, '[metrics]\nenabled = "yes"\naddress = 127\nport = 0\nadress = "::1"\n'
+    )
+
+    assert load_errors(path) == [
+        "metrics.adress: unknown key; did you mean address?",
+        'metrics.enabled: expected true or false, got "yes"',
+        "metrics.address: expected a string, got 127",
+        "metrics.port: expected an integer from 1 to 65535, got 0",
+    ]
+
+
+@pytest.mark.parametrize("port", ["65536", "-1", "9723.0", "true", '"9723"'])
+def test_metrics_port_outside_1_to_65535_or_not_an_integer_is_refused(
+    tmp_path: Path, port: str
+) -> None:
+    path = write_config(tmp_path, f"[metrics]\nport = {port}\n")
+
+    [error] = load_errors(path)
+
+    assert error.startswith("metrics.port: expected an integer from 1 to 65535, got ")
+
+
+def test_top_level_metrics_key_says_it_belongs_under_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("port = 9100\n" + VALID_PATHS, encoding="utf-8")
+
+    assert load_errors(path) == ["port: unknown top-level key; it belongs under [metrics]"]
+
+
+def test_metrics_config_is_hashable_and_immutable() -> None:
+    metrics = MetricsConfig(enabled=True, port=9100)
+
+    assert hash(metrics) == hash(MetricsConfig(enabled=True, port=9100))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        metrics.port = 1  # type: ignore[misc]
+
+
 # --- free-space thresholds ----------------------------------------------------------------------
 
 
@@ -1982,7 +2069,8 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         '[retention]\nlow_free = "7.5 %"\ntarget_free = "300GiB"\nmax_archive_size = "20 TiB"\n'
         'min_age_days = 0\nprotect = ["Smith_John", "Dr. M. Müller"]\n'
         'keep_unconverted = false\norder = "Study_Date"\nmax_studies_per_run = 1\n'
-        "check_every_minutes = 0.5\n",
+        "check_every_minutes = 0.5\n"
+        '[metrics]\nenabled = true\naddress = "fe80::1"\nport = 1\n',
         with_paths=False,
     )
     executable(tmp_path / "conf" / "bin" / "dcm2niix")
@@ -1996,6 +2084,10 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
     assert all(
         getattr(config.retention, item.name) != getattr(RetentionConfig(), item.name)
         for item in dataclasses.fields(RetentionConfig)
+    )
+    assert all(
+        getattr(config.metrics, item.name) != getattr(MetricsConfig(), item.name)
+        for item in dataclasses.fields(MetricsConfig)
     )
     assert config.ingest.min_free_threshold == SpaceThreshold("percent", 5.0)
     rendered = tmp_path / "rendered.toml"
@@ -2052,3 +2144,4 @@ def test_render_config_fills_in_every_default(tmp_path: Path) -> None:
         "max_studies_per_run": 100,
         "check_every_minutes": 10.0,
     }
+    assert document["metrics"] == {"enabled": False, "address": "127.0.0.1", "port": 9723}
