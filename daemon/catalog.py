@@ -170,6 +170,16 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE studies SET bytes = coalesce((SELECT sum(i.size) FROM instances i
         JOIN series se ON se.id = i.series_row_id WHERE se.study_row_id = studies.id), 0);
     """,
+    # v4: query/retrieve from the PACS. A study whose retrieve failed is listed until a later
+    # run retrieves it (the next run retries it; `dcmdb status` shows it).
+    """
+    CREATE TABLE retrieve_failures (
+        study_instance_uid TEXT PRIMARY KEY,
+        last_error TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 1
+    );
+    """,
 )
 
 
@@ -327,6 +337,14 @@ class ArchiveTotals:
     quarantined: int
     duplicates: int
     dicomdir_dirty_folders: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveFailure:
+    study_instance_uid: str
+    last_error: str
+    failed_at: float
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1115,6 +1133,39 @@ class Catalog:
             "SELECT started_at, finished_at, result FROM job_runs WHERE name = ?", (name,)
         ).fetchone()
         return JobRun(*row) if row else None
+
+    # ---- retrieve ------------------------------------------------------------------------
+
+    def study_instance_count(self, study_instance_uid: str) -> int:
+        """How many instances of the study the archive holds (0 when it holds none)."""
+        row = self._db.execute(
+            "SELECT count(i.id) FROM studies st JOIN series se ON se.study_row_id = st.id"
+            " JOIN instances i ON i.series_row_id = se.id WHERE st.study_instance_uid = ?",
+            (study_instance_uid,),
+        ).fetchone()
+        return int(row[0])
+
+    def record_retrieve_failure(self, study_instance_uid: str, error: str, at: float) -> None:
+        self._db.execute(
+            "INSERT INTO retrieve_failures (study_instance_uid, last_error, failed_at)"
+            " VALUES (?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET"
+            " last_error = excluded.last_error, failed_at = excluded.failed_at,"
+            " attempts = attempts + 1",
+            (study_instance_uid, error, at),
+        )
+
+    def clear_retrieve_failure(self, study_instance_uid: str) -> None:
+        self._db.execute(
+            "DELETE FROM retrieve_failures WHERE study_instance_uid = ?", (study_instance_uid,)
+        )
+
+    def retrieve_failures(self) -> list[RetrieveFailure]:
+        """Studies whose latest retrieve failed, the most recent first."""
+        rows = self._db.execute(
+            "SELECT study_instance_uid, last_error, failed_at, attempts FROM retrieve_failures"
+            " ORDER BY failed_at DESC, study_instance_uid"
+        ).fetchall()
+        return [RetrieveFailure(*row) for row in rows]
 
     # ---- retention -----------------------------------------------------------------------
 

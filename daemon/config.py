@@ -17,6 +17,9 @@ set up.
 and then has no default for how far it prunes (``target_free``).
 
 ``[metrics]`` (a Prometheus endpoint) is off by default, and listens on loopback when on.
+
+``[listener]`` (a DICOM C-STORE SCP) and ``[retrieve]`` (query/retrieve from the PACS) are off by
+default. The PACS named in ``[retrieve]`` is also the one ``retention.require_pacs_copy`` asks.
 """
 
 from __future__ import annotations
@@ -58,10 +61,12 @@ __all__ = [
     "ConvertConfig",
     "DicomdirConfig",
     "IngestConfig",
+    "ListenerConfig",
     "LoggingConfig",
     "MetricsConfig",
     "PathsConfig",
     "RetentionConfig",
+    "RetrieveConfig",
     "SortingConfig",
     "SpaceThreshold",
     "find_config_file",
@@ -86,6 +91,11 @@ CONVERT_ENGINES: Final = ("dcm2niix", "dicom2nifti")
 # retention.order: which eligible studies go first, the oldest by when dcmdb received them or by
 # their StudyDate.
 RETENTION_ORDERS: Final = ("received", "study_date")
+# retrieve.method: C-MOVE to our own listener, or C-GET on the association we open.
+RETRIEVE_METHODS: Final = ("move", "get")
+# PS3.5 6.2, AE VR: at most 16 characters of the default repertoire, no backslash, no control
+# characters; leading and trailing spaces are not significant.
+_AE_TITLE_MAX: Final = 16
 # The fields convert.study_template and convert.series_template may use, in the order error
 # messages list them. SeriesNumber is an int (so "{SeriesNumber:03d}" works); the others are str.
 _STUDY_FIELDS: Final = (
@@ -326,6 +336,8 @@ class RetentionConfig:
     order: str = "received"  # or "study_date": which eligible studies go first (oldest first)
     max_studies_per_run: int = 100
     check_every_minutes: float = 10.0  # how often the daemon checks free space
+    # Keep a study unless the PACS ([retrieve]) holds all of its instances (C-FIND at prune).
+    require_pacs_copy: bool = False
     # Parsed from low_free, target_free and max_archive_size (None when ""); derived, so not
     # keys of the file.
     low_free_threshold: SpaceThreshold | None = field(init=False)
@@ -374,6 +386,60 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ListenerConfig:
+    """The DICOM listener: a C-STORE SCP that writes what it receives into ``incoming/``."""
+
+    enabled: bool = False
+    ae_title: str = "DCMDB"  # our AE title, the one scanners and the PACS send to
+    address: str = "0.0.0.0"  # an IP address literal; 0.0.0.0 = every IPv4 interface
+    port: int = 11112  # the registered DICOM port (PS3.8); 104 needs root
+    # Calling AE titles accepted; required once enabled (an open store takes anything).
+    allowed_ae_titles: tuple[str, ...] = ()
+    # Peer addresses or networks ("10.1.2.0/24") accepted; () = any address.
+    allowed_addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("allowed_ae_titles", "allowed_addresses"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """Query/retrieve from the PACS on a schedule; the PACS is also what
+    ``retention.require_pacs_copy`` and ``dcmdb echo`` ask."""
+
+    enabled: bool = False  # the scheduled retrieve runs
+    pacs_host: str = ""  # host name or IP address of the PACS
+    pacs_port: int = 104
+    pacs_ae_title: str = ""  # the PACS's AE title (the called AE)
+    ae_title: str = "DCMDB"  # our AE title when we call the PACS
+    method: str = "move"  # "move": C-MOVE to listener.ae_title; "get": C-GET
+    schedule: str = "0 1 * * *"  # crontab: minute hour day month weekday (weekdays by name)
+    timezone: str = ""  # IANA name of the schedule's zone; "" = the server's local zone
+    lookback_days: int = 2  # studies of today and the days before, by StudyDate
+    modalities: tuple[str, ...] = ()  # only studies with one of these; () = any
+    study_description: str = ""  # fnmatch pattern, case-insensitive; "" = any
+    referring_physician: str = ""  # fnmatch pattern on the PN value, case-insensitive
+    timeout_seconds: float = 60.0  # association, DIMSE and network timeouts
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.modalities, tuple):
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+
+    @property
+    def tzinfo(self) -> TzInfo:
+        """The schedule's time zone: ``timezone``, or the server's local zone (DST-aware)."""
+        if self.timezone:
+            return zoneinfo.ZoneInfo(self.timezone)
+        return tzlocal.get_localzone()
+
+    @property
+    def pacs_configured(self) -> bool:
+        return bool(self.pacs_host and self.pacs_ae_title)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path  # the config file that was loaded (absolute)
     paths: PathsConfig
@@ -384,6 +450,8 @@ class Config:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
 
 
 _SECTIONS: Final = {
@@ -394,6 +462,8 @@ _SECTIONS: Final = {
     "convert": ConvertConfig,
     "retention": RetentionConfig,
     "metrics": MetricsConfig,
+    "listener": ListenerConfig,
+    "retrieve": RetrieveConfig,
     "logging": LoggingConfig,
 }
 
@@ -507,7 +577,10 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         ingest_min_free=ingest.min_free if min_free_valid else None,
     )
     metrics = _load_metrics(_optional_table(document, "metrics", errors), errors)
+    listener = _load_listener(_optional_table(document, "listener", errors), errors)
+    retrieve = _load_retrieve(_optional_table(document, "retrieve", errors), errors)
     logging = _load_logging(_optional_table(document, "logging", errors), errors)
+    _check_network_sections(listener, retrieve, retention, errors)
     if paths is None:
         return None
     return Config(
@@ -520,6 +593,8 @@ def _build_config(document: Mapping[str, object], source: Path, errors: list[str
         convert=convert,
         retention=retention,
         metrics=metrics,
+        listener=listener,
+        retrieve=retrieve,
     )
 
 
@@ -1475,6 +1550,7 @@ def _load_retention(
     check_every_minutes = section.number(
         "check_every_minutes", default.check_every_minutes, minimum=0, exclusive=True
     )
+    require_pacs_copy = section.boolean("require_pacs_copy", default.require_pacs_copy)
     if len(errors) != errors_before or low_free is None or target_free is None:
         return default  # the file is refused anyway; the values need not agree
     return RetentionConfig(
@@ -1487,6 +1563,7 @@ def _load_retention(
         order=order,
         max_studies_per_run=max_studies_per_run,
         check_every_minutes=check_every_minutes,
+        require_pacs_copy=require_pacs_copy,
     )
 
 
@@ -1514,6 +1591,167 @@ def _load_ip_address(section: _Section, key: str, default: str) -> str:
         )
         return default
     return value
+
+
+def _load_listener(table: Mapping[str, object], errors: list[str]) -> ListenerConfig:
+    default = ListenerConfig()
+    section = _Section(("listener",), table, _keys(ListenerConfig), errors)
+    return ListenerConfig(
+        enabled=section.boolean("enabled", default.enabled),
+        ae_title=_load_ae_title(section, "ae_title", default.ae_title),
+        address=_load_ip_address(section, "address", default.address),
+        # 0 would be "any free port": no scanner could be told where to send.
+        port=section.integer("port", default.port, minimum=1, maximum=65535),
+        allowed_ae_titles=_load_ae_titles(section, "allowed_ae_titles"),
+        allowed_addresses=_load_networks(section, "allowed_addresses"),
+    )
+
+
+def _load_retrieve(table: Mapping[str, object], errors: list[str]) -> RetrieveConfig:
+    default = RetrieveConfig()
+    section = _Section(("retrieve",), table, _keys(RetrieveConfig), errors)
+    enabled = section.boolean("enabled", default.enabled)
+    pacs_host = section.string("pacs_host", default.pacs_host).strip()
+    pacs_port = section.integer("pacs_port", default.pacs_port, minimum=1, maximum=65535)
+    pacs_ae_title = section.string("pacs_ae_title", default.pacs_ae_title)
+    if pacs_ae_title:
+        pacs_ae_title = _load_ae_title(section, "pacs_ae_title", default.pacs_ae_title)
+    ae_title = _load_ae_title(section, "ae_title", default.ae_title)
+    method = section.choice("method", default.method, RETRIEVE_METHODS)
+    timezone = _load_timezone(section, default.timezone)
+    schedule = _load_schedule(section, default.schedule, timezone)
+    lookback_days = section.integer("lookback_days", default.lookback_days, minimum=1)
+    modalities = _load_modalities(section)
+    study_description = section.string("study_description", default.study_description)
+    referring_physician = section.string("referring_physician", default.referring_physician)
+    timeout_seconds = section.number(
+        "timeout_seconds", default.timeout_seconds, minimum=0, exclusive=True
+    )
+    if enabled:
+        for key, value, example in (
+            ("pacs_host", pacs_host, '"pacs.example.org" or "10.1.2.3"'),
+            ("pacs_ae_title", pacs_ae_title, '"PACS"'),
+        ):
+            already = f"{section.path(key)}:"
+            if not value and not any(error.startswith(already) for error in section.errors):
+                section.error(key, f"must be set when retrieve.enabled is true, e.g. {example}")
+    return RetrieveConfig(
+        enabled=enabled,
+        pacs_host=pacs_host,
+        pacs_port=pacs_port,
+        pacs_ae_title=pacs_ae_title,
+        ae_title=ae_title,
+        method=method,
+        schedule=schedule,
+        timezone=timezone,
+        lookback_days=lookback_days,
+        modalities=modalities,
+        study_description=study_description,
+        referring_physician=referring_physician,
+        timeout_seconds=timeout_seconds,
+    )
+
+
+def _check_network_sections(
+    listener: ListenerConfig,
+    retrieve: RetrieveConfig,
+    retention: RetentionConfig,
+    errors: list[str],
+) -> None:
+    """The rules between [listener], [retrieve] and retention.require_pacs_copy."""
+    if listener.enabled and not listener.allowed_ae_titles:
+        errors.append(
+            "listener.allowed_ae_titles: must list the calling AE titles that may send (your "
+            'scanners, and the PACS for retrieve.method = "move"), e.g. ["MRI_SCANNER", '
+            '"PACS"], when listener.enabled is true: an open listener would accept anything'
+        )
+    if retrieve.enabled and retrieve.method == "move" and not listener.enabled:
+        errors.append(
+            'retrieve.method: "move" has the PACS send the studies to our listener, but '
+            "listener.enabled is false; enable [listener] (and register listener.ae_title "
+            'with its host and port at the PACS), or use method = "get"'
+        )
+    if retention.require_pacs_copy and not retrieve.pacs_configured:
+        errors.append(
+            "retention.require_pacs_copy: needs the PACS to ask: set retrieve.pacs_host and "
+            "retrieve.pacs_ae_title (retrieve.enabled may stay false)"
+        )
+
+
+def _ae_title_problem(value: str) -> str | None:
+    stripped = value.strip(" ")
+    if not stripped:
+        return "must not be empty or only spaces"
+    if len(stripped) > _AE_TITLE_MAX:
+        return f"is {len(stripped)} characters long; an AE title has at most {_AE_TITLE_MAX}"
+    if any(char == "\\" or not (" " <= char <= "~") for char in stripped):
+        return "may hold only printable ASCII characters and no backslash (PS3.5 AE)"
+    return None
+
+
+def _load_ae_title(section: _Section, key: str, default: str) -> str:
+    value = section.string(key, default)
+    if problem := _ae_title_problem(value):
+        section.error(key, f"AE title {_describe(value)} {problem}")
+        return default
+    return value.strip(" ")
+
+
+def _string_list(section: _Section, key: str, example: str) -> list[tuple[str, str]]:
+    """(item key path, string) of an array of strings; other items are reported."""
+    if key not in section.table:
+        return []
+    value = section.table[key]
+    if not isinstance(value, list):
+        section.error(key, f"expected an array of strings, e.g. {example}, got {_describe(value)}")
+        return []
+    items: list[tuple[str, str]] = []
+    for index, item in enumerate(value):
+        item_path = f"{section.path(key)}[{index}]"
+        if not isinstance(item, str):
+            section.errors.append(f"{item_path}: expected a string, got {_describe(item)}")
+            continue
+        items.append((item_path, item))
+    return items
+
+
+def _load_ae_titles(section: _Section, key: str) -> tuple[str, ...]:
+    titles: list[str] = []
+    for item_path, title in _string_list(section, key, '["MRI_SCANNER", "PACS"]'):
+        if problem := _ae_title_problem(title):
+            section.errors.append(f"{item_path}: AE title {_describe(title)} {problem}")
+            continue
+        titles.append(title.strip(" "))
+    return tuple(titles)
+
+
+def _load_networks(section: _Section, key: str) -> tuple[str, ...]:
+    networks: list[str] = []
+    for item_path, text in _string_list(section, key, '["10.1.2.3", "10.1.4.0/24"]'):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            section.errors.append(
+                f'{item_path}: expected an IP address or network such as "10.1.2.3" or '
+                f'"10.1.4.0/24", got {_describe(text)}; a host name is not accepted'
+            )
+            continue
+        networks.append(text)
+    return tuple(networks)
+
+
+def _load_modalities(section: _Section) -> tuple[str, ...]:
+    modalities: list[str] = []
+    for item_path, text in _string_list(section, "modalities", '["MR", "CT"]'):
+        code = text.strip().upper()
+        # PS3.5 CS: at most 16 of A-Z 0-9 _ and space.
+        if not code or len(code) > 16 or not re.fullmatch(r"[A-Z0-9_ ]+", code):
+            section.errors.append(
+                f'{item_path}: expected a modality code such as "MR" or "CT", got {_describe(text)}'
+            )
+            continue
+        modalities.append(code)
+    return tuple(modalities)
 
 
 def _load_logging(table: Mapping[str, object], errors: list[str]) -> LoggingConfig:
@@ -1547,6 +1785,8 @@ def render_config(config: Config) -> str:
         | ConvertConfig
         | RetentionConfig
         | MetricsConfig
+        | ListenerConfig
+        | RetrieveConfig
         | LoggingConfig,
     ] = {
         "paths": config.paths,
@@ -1556,6 +1796,8 @@ def render_config(config: Config) -> str:
         "convert": config.convert,
         "retention": config.retention,
         "metrics": config.metrics,
+        "listener": config.listener,
+        "retrieve": config.retrieve,
         "logging": config.logging,
     }
     for name, section in sections.items():
@@ -1586,7 +1828,7 @@ def _toml_value(value: object) -> str:
         return _toml_string(str(value))
     if isinstance(value, str):
         return _toml_string(value)
-    if isinstance(value, tuple):  # retention.protect
+    if isinstance(value, tuple):  # retention.protect, listener.allowed_ae_titles, ...
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
 

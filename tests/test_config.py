@@ -26,10 +26,12 @@ from daemon.config import (
     ConfigError,
     ConvertConfig,
     IngestConfig,
+    ListenerConfig,
     LoggingConfig,
     MetricsConfig,
     PathsConfig,
     RetentionConfig,
+    RetrieveConfig,
     SortingConfig,
     SpaceThreshold,
     find_config_file,
@@ -132,6 +134,8 @@ def test_shipped_config_lists_every_key_with_its_default_value() -> None:
         PathsConfig,
         ConvertConfig,
         MetricsConfig,
+        ListenerConfig,
+        RetrieveConfig,
     ):
         name = section.__name__.removesuffix("Config").lower()
         assert set(document[name]) == {
@@ -2069,8 +2073,15 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         '[retention]\nlow_free = "7.5 %"\ntarget_free = "300GiB"\nmax_archive_size = "20 TiB"\n'
         'min_age_days = 0\nprotect = ["Smith_John", "Dr. M. Müller"]\n'
         'keep_unconverted = false\norder = "Study_Date"\nmax_studies_per_run = 1\n'
-        "check_every_minutes = 0.5\n"
-        '[metrics]\nenabled = true\naddress = "fe80::1"\nport = 1\n',
+        "check_every_minutes = 0.5\nrequire_pacs_copy = true\n"
+        '[metrics]\nenabled = true\naddress = "fe80::1"\nport = 1\n'
+        '[listener]\nenabled = true\nae_title = "LAB"\naddress = "::"\nport = 4242\n'
+        'allowed_ae_titles = ["MRI"]\nallowed_addresses = ["10.0.0.0/8"]\n'
+        '[retrieve]\nenabled = true\npacs_host = "pacs"\npacs_port = 11112\n'
+        'pacs_ae_title = "PACS"\nae_title = "LAB2"\nmethod = "get"\n'
+        'schedule = "15 3 * * sun"\ntimezone = "UTC"\nlookback_days = 7\n'
+        'modalities = ["MR"]\nstudy_description = "*head*"\nreferring_physician = "X*"\n'
+        "timeout_seconds = 5\n",
         with_paths=False,
     )
     executable(tmp_path / "conf" / "bin" / "dcm2niix")
@@ -2089,6 +2100,11 @@ def test_render_config_round_trips_a_config_with_every_key_changed(tmp_path: Pat
         getattr(config.metrics, item.name) != getattr(MetricsConfig(), item.name)
         for item in dataclasses.fields(MetricsConfig)
     )
+    for section, cls in ((config.listener, ListenerConfig), (config.retrieve, RetrieveConfig)):
+        assert all(
+            getattr(section, item.name) != getattr(cls(), item.name)
+            for item in dataclasses.fields(cls)
+        )
     assert config.ingest.min_free_threshold == SpaceThreshold("percent", 5.0)
     rendered = tmp_path / "rendered.toml"
     rendered.write_text(render_config(config), encoding="utf-8")
@@ -2143,5 +2159,118 @@ def test_render_config_fills_in_every_default(tmp_path: Path) -> None:
         "order": "received",
         "max_studies_per_run": 100,
         "check_every_minutes": 10.0,
+        "require_pacs_copy": False,
     }
     assert document["metrics"] == {"enabled": False, "address": "127.0.0.1", "port": 9723}
+
+
+# --- listener, retrieve, require_pacs_copy --------------------------------------------------
+
+
+def test_listener_and_retrieve_are_off_by_default(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, ""))
+
+    assert config.listener == ListenerConfig()
+    assert not config.listener.enabled
+    assert config.retrieve == RetrieveConfig()
+    assert not config.retrieve.enabled
+    assert config.retrieve.schedule == "0 1 * * *"
+    assert config.retrieve.lookback_days == 2
+    assert config.retention.require_pacs_copy is False
+
+
+def test_every_listener_and_retrieve_key_is_read_as_written(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[listener]\nenabled = true\nae_title = "LAB"\naddress = "127.0.0.1"\n'
+        'port = 4242\nallowed_ae_titles = ["MRI", "PACS "]\n'
+        'allowed_addresses = ["10.1.4.0/24"]\n'
+        '[retrieve]\nenabled = true\npacs_host = "pacs.example.org"\npacs_port = 11112\n'
+        'pacs_ae_title = "PACS"\nae_title = "LAB"\nmethod = "GET"\n'
+        'schedule = "30 2 * * mon-fri"\ntimezone = "UTC"\nlookback_days = 5\n'
+        'modalities = ["mr", "CT"]\nstudy_description = "*brain*"\n'
+        'referring_physician = "smith^*"\ntimeout_seconds = 10\n',
+    )
+
+    config = load_config(path)
+
+    assert config.listener == ListenerConfig(
+        enabled=True,
+        ae_title="LAB",
+        address="127.0.0.1",
+        port=4242,
+        allowed_ae_titles=("MRI", "PACS"),
+        allowed_addresses=("10.1.4.0/24",),
+    )
+    assert config.retrieve == RetrieveConfig(
+        enabled=True,
+        pacs_host="pacs.example.org",
+        pacs_port=11112,
+        pacs_ae_title="PACS",
+        ae_title="LAB",
+        method="get",
+        schedule="30 2 * * mon-fri",
+        timezone="UTC",
+        lookback_days=5,
+        modalities=("MR", "CT"),
+        study_description="*brain*",
+        referring_physician="smith^*",
+        timeout_seconds=10.0,
+    )
+
+
+def test_network_mistakes_are_all_reported_at_once_with_their_keys(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[listener]\nenabled = true\nae_title = "A_TITLE_LONGER_THAN_16"\nport = 0\n'
+        'allowed_addresses = ["scanner.local"]\n'
+        '[retrieve]\nenabled = true\nmethod = "push"\nlookback_days = 0\n'
+        'modalities = ["M R!"]\n'
+        "[retention]\nrequire_pacs_copy = true\n",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    errors = caught.value.errors
+    assert any(e.startswith("listener.ae_title: AE title") and "at most 16" in e for e in errors)
+    assert any(e.startswith("listener.port: expected an integer from 1 to 65535") for e in errors)
+    assert any(e.startswith("listener.allowed_addresses[0]: expected an IP") for e in errors)
+    assert any(e.startswith("listener.allowed_ae_titles: must list") for e in errors)
+    assert any(e.startswith("retrieve.method: expected one of") for e in errors)
+    assert any(e.startswith("retrieve.lookback_days: expected an integer >= 1") for e in errors)
+    assert any(e.startswith("retrieve.modalities[0]: expected a modality") for e in errors)
+    assert any(e.startswith("retrieve.pacs_host: must be set") for e in errors)
+    assert any(e.startswith("retrieve.pacs_ae_title: must be set") for e in errors)
+    assert any(e.startswith("retention.require_pacs_copy: needs the PACS") for e in errors)
+
+
+def test_retrieve_by_move_needs_the_listener(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[retrieve]\nenabled = true\npacs_host = "pacs"\npacs_ae_title = "PACS"\n',
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    (error,) = caught.value.errors
+    assert error.startswith('retrieve.method: "move" has the PACS send the studies to our listener')
+    assert 'method = "get"' in error
+
+
+def test_rendered_network_sections_load_back_equal(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[listener]\nenabled = true\nallowed_ae_titles = ["PACS"]\n'
+        '[retrieve]\nenabled = true\npacs_host = "pacs"\npacs_ae_title = "PACS"\n'
+        'modalities = ["MR"]\n[retention]\nrequire_pacs_copy = false\n',
+    )
+    config = load_config(path)
+    rendered = tmp_path / "rendered" / "config.toml"
+    rendered.parent.mkdir()
+    rendered.write_text(render_config(config), encoding="utf-8")
+
+    again = load_config(rendered)
+
+    assert (again.listener, again.retrieve) == (config.listener, config.retrieve)
