@@ -15,6 +15,7 @@ from daemon.convert import CONVERT_JOB
 from daemon.dicomdir import DICOMDIR, DicomdirReadError, read_dicomdir_references
 from daemon.fsops import TEMP_PREFIX
 from daemon.ingest import is_ignored_name, space_pause_reason
+from daemon.network import RETRIEVE_JOB
 from daemon.retention import RETENTION_JOB
 
 
@@ -157,6 +158,18 @@ def status_report(catalog: Catalog, paths: PathsConfig, ingest: IngestConfig) ->
             "free_percent": round(100.0 * disk.free / disk.total, 1) if disk.total else 0.0,
         },
         "retention": _job_run_text(catalog.last_job_run(RETENTION_JOB)),
+        "retrieve": {
+            "last_run": _job_run_text(catalog.last_job_run(RETRIEVE_JOB)),
+            "failed_studies": [
+                {
+                    "study_instance_uid": failure.study_instance_uid,
+                    "error": failure.last_error,
+                    "at": _local_time(failure.failed_at),
+                    "attempts": failure.attempts,
+                }
+                for failure in catalog.retrieve_failures()
+            ],
+        },
         "conversions": {
             **conversions.counts,
             "last_run": _job_run_text(last_run),

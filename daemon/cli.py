@@ -20,9 +20,10 @@ from daemon.convert import ConversionBusyError, run_conversions
 from daemon.dicomdir import UnknownFolderError, rewrite_due_folders, rewrite_folder
 from daemon.ingest import ParallelReader, effective_workers, ingest_paths, is_ignored_name
 from daemon.model import IngestResult, Outcome, format_size
+from daemon.network import PacsError, echo_pacs, pacs_copy_check
 from daemon.nifti import EngineNotFoundError
-from daemon.retention import PruneBusyError, PrunePlan, effective_policy, prune_now
-from daemon.service import ServiceError, open_archiver, prepare_paths, run_daemon
+from daemon.retention import PruneBusyError, PrunePlan, PruneResult, effective_policy, prune_now
+from daemon.service import ServiceError, open_archiver, prepare_paths, retrieve_now, run_daemon
 
 logger = logging.getLogger("dcmdb")
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConversionBusyError,
         EngineNotFoundError,
         PruneBusyError,
+        PacsError,
     ) as exc:
         print(f"dcmdb: {exc}", file=sys.stderr)
         return EX_FAILURE
@@ -134,6 +136,21 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("study_instance_uid", metavar="STUDY_UID")
         command.set_defaults(handler=_protect, protected=protected)
 
+    retrieve = commands.add_parser(
+        "retrieve",
+        help="query/retrieve from the PACS now: the studies of the last retrieve.lookback_days "
+        "days (or of --date) not yet complete in the archive, into incoming/",
+    )
+    retrieve.add_argument(
+        "--date", metavar="YYYYMMDD", help="the studies of this StudyDate instead of the lookback"
+    )
+    retrieve.set_defaults(handler=_retrieve)
+
+    echo = commands.add_parser(
+        "echo", help="check the connection to the PACS of [retrieve] (C-ECHO); exit 0 if it works"
+    )
+    echo.set_defaults(handler=_echo)
+
     check_config = commands.add_parser(
         "check-config", help="validate the config and print the effective settings"
     )
@@ -190,6 +207,8 @@ def _setup_logging(level: str, log_format: str) -> None:
     logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
     # APScheduler logs two lines per job run at info level; dcmdb's jobs log what they do.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
+    # pynetdicom logs every association and message at info level; dcmdb logs what matters.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -230,6 +249,17 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         f"({disk['free_percent']}%)"
     )
     print(f"retention   {report['retention'] or 'off, or not run yet'}")
+    retrieve = report["retrieve"]
+    if retrieve["last_run"] or retrieve["failed_studies"]:
+        print(f"retrieve    {retrieve['last_run'] or 'not run yet'}")
+        failed = retrieve["failed_studies"]
+        if failed:
+            print(f"  {len(failed)} studies failed to retrieve; the next run retries them:")
+        for failure in failed[:20]:
+            print(
+                f"  failed: {failure['study_instance_uid']} ({failure['attempts']} attempts, "
+                f"last {failure['at']}): {failure['error']}"
+            )
     conversions = report["conversions"]
     print(
         "nifti       "
@@ -350,6 +380,11 @@ def _prune(config: Config, args: argparse.Namespace) -> int:
     prepare_paths(config.paths)
     catalog = Catalog(config.paths.state)
     try:
+        verify = (
+            pacs_copy_check(config.retrieve, catalog)
+            if config.retention.require_pacs_copy
+            else None
+        )
         plan, result = prune_now(
             catalog,
             effective_policy(config.retention, config.convert.enabled),
@@ -357,6 +392,7 @@ def _prune(config: Config, args: argparse.Namespace) -> int:
             config.paths.state,
             dry_run=args.dry_run,
             now=time.time,
+            verify=verify,
         )
         if not args.dry_run:  # leave every folder it touched a valid File-set
             rewrite_due_folders(
@@ -369,9 +405,14 @@ def _prune(config: Config, args: argparse.Namespace) -> int:
         report["dry_run"] = args.dry_run
         report["deleted"] = [deletion.study_instance_uid for deletion in result.deleted]
         report["changed_since_planned"] = result.skipped
+        report["kept_by_check"] = [
+            {"study_instance_uid": item.study.study_instance_uid, "reason": item.reason}
+            for item in result.verified_kept
+        ]
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         _print_plan(plan, dry_run=args.dry_run)
+        _print_verified_kept(result)
         if result.skipped:
             print(f"{len(result.skipped)} planned studies changed since (new instances): kept")
     return EX_OK
@@ -409,6 +450,56 @@ def _print_plan(plan: PrunePlan, *, dry_run: bool) -> None:
             f"WARNING: {format_size(plan.shortfall_bytes)} short of the target and nothing "
             "more may be pruned (see why each study is kept above)"
         )
+
+
+def _print_verified_kept(result: PruneResult) -> None:
+    for item in result.verified_kept:
+        print(f"kept   {item.study.study_instance_uid} in {item.study.folder_name}: {item.reason}")
+
+
+def _retrieve(config: Config, args: argparse.Namespace) -> int:
+    settings = config.retrieve
+    if not settings.pacs_configured:
+        print(
+            "dcmdb: no PACS configured: set retrieve.pacs_host, retrieve.pacs_port and "
+            f"retrieve.pacs_ae_title in {config.source} (see README, Retrieve)",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    if settings.method == "move" and not config.listener.enabled:
+        print(
+            'dcmdb: retrieve.method = "move" has the PACS send to our listener, but [listener] '
+            f'is off in {config.source}: enable it, or set retrieve.method = "get"',
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    date_range = None
+    if args.date is not None:
+        try:
+            time.strptime(args.date, "%Y%m%d")
+        except ValueError:
+            print(f"dcmdb: --date {args.date}: expected YYYYMMDD, e.g. 20250131", file=sys.stderr)
+            return EX_FAILURE
+        date_range = args.date
+    prepare_paths(config.paths)
+    run = retrieve_now(config, date_range=date_range)
+    print(run.describe())
+    for uid, error in run.failures:
+        print(f"  failed: {uid}: {error}")
+    if run.instances:
+        print(
+            f"{run.instances} instances written into {config.paths.incoming}; dcmdb run files them"
+        )
+    return EX_FAILURE if run.failures else EX_OK
+
+
+def _echo(config: Config, _args: argparse.Namespace) -> int:
+    try:
+        print(echo_pacs(config.retrieve))
+    except PacsError as exc:
+        print(f"dcmdb: C-ECHO failed: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    return EX_OK
 
 
 def _protect(config: Config, args: argparse.Namespace) -> int:

@@ -14,6 +14,10 @@ recoverable step:
 3. the trash is deleted, then the study's catalog rows, and the folder's DICOMDIR is marked
    for a rewrite.
 
+Before step 1, an optional `verify` callable may keep a planned study (with
+`retention.require_pacs_copy`, the PACS is asked whether it holds the whole study); what it keeps
+is reported with its reason, and the next check plans again.
+
 A crash anywhere after 1 leaves the study marked; `finish_interrupted_prunes` (at start-up)
 completes it. Nothing is deleted that was not planned, and a study that received instances
 since it was planned is left alone.
@@ -208,6 +212,8 @@ def describe_outcome(plan: PrunePlan, result: PruneResult) -> str:
     text = (
         f"{plan.trigger}: deleted {len(result.deleted)} studies, {format_size(result.freed_bytes)}"
     )
+    if result.verified_kept:
+        text += f"; kept {len(result.verified_kept)}: {result.verified_kept[0].reason}"
     if plan.shortfall_bytes:
         text += (
             f"; STILL SHORT by {format_size(plan.shortfall_bytes)}: nothing more may be pruned "
@@ -236,6 +242,7 @@ def prune_now(
     *,
     dry_run: bool,
     now: Callable[[], float],
+    verify: Callable[[PrunableStudy], str | None] | None = None,
 ) -> tuple[PrunePlan, PruneResult]:
     """What the daemon's check and `dcmdb prune` do: finish interrupted deletions, plan on
     the current figures, apply the plan. One at a time per archive."""
@@ -248,7 +255,9 @@ def prune_now(
             # No study is being deleted now, so the studies' bytes are the archive's.
             disk = DiskFigures(usage.total, usage.free, sum(study.bytes for study in studies))
             plan = plan_prune(studies, disk, policy, now())
-            result = apply_prune(plan, catalog, archive, state_dir, dry_run=dry_run, now=now)
+            result = apply_prune(
+                plan, catalog, archive, state_dir, dry_run=dry_run, now=now, verify=verify
+            )
     except LockBusyError as exc:
         raise PruneBusyError(
             "another prune is running (the daemon's retention check or a `dcmdb prune`); "
@@ -264,6 +273,8 @@ def prune_now(
 class PruneResult:
     deleted: list[StudyDeletion] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # planned, but changed since: kept
+    # planned, but kept by the `verify` check (e.g. the PACS does not hold it), with its reason
+    verified_kept: list[PruneDecision] = field(default_factory=list)
 
     @property
     def freed_bytes(self) -> int:
@@ -278,8 +289,10 @@ def apply_prune(
     *,
     dry_run: bool,
     now: Callable[[], float],
+    verify: Callable[[PrunableStudy], str | None] | None = None,
 ) -> PruneResult:
-    """Delete exactly the studies the plan lists (see the module docstring)."""
+    """Delete exactly the studies the plan lists (see the module docstring), except those
+    `verify` returns a reason to keep for (None: it may go)."""
     result = PruneResult()
     if plan.trigger:
         logger.warning(
@@ -291,6 +304,17 @@ def apply_prune(
         )
     for decision in plan.deletions:
         study = decision.study
+        keep_reason = verify(study) if verify is not None else None
+        if keep_reason is not None:
+            logger.warning(
+                "retention%s: study %s in %s kept: %s",
+                " (dry run)" if dry_run else "",
+                study.study_instance_uid,
+                study.folder_name,
+                keep_reason,
+            )
+            result.verified_kept.append(PruneDecision(study, keep_reason))
+            continue
         if dry_run:
             logger.info(
                 "(dry run) would delete study %s in %s (%s): %s",

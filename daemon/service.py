@@ -3,6 +3,7 @@ scheduler (APScheduler 3) whose jobs are idempotent catch-ups over the catalog; 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from daemon.config import (
     DicomdirConfig,
     PathsConfig,
     RetentionConfig,
+    RetrieveConfig,
     load_config,
 )
 from daemon.convert import CONVERT_JOB, ConversionBusyError, run_conversions
@@ -39,6 +41,16 @@ from daemon.ingest import (
 )
 from daemon.metrics import LiveFigures, MetricsServer, MetricsServerError
 from daemon.model import Outcome
+from daemon.network import (
+    RETRIEVE_JOB,
+    Listener,
+    ListenerError,
+    PacsError,
+    RetrieveRun,
+    lookback_range,
+    pacs_copy_check,
+    run_retrieve,
+)
 from daemon.retention import (
     RETENTION_JOB,
     PruneBusyError,
@@ -131,24 +143,51 @@ def schedule_jobs(scheduler: BackgroundScheduler, config: Config, stop: threadin
             trigger,
             ": a missed run starts now" if missed else "",
         )
+    if config.retrieve.enabled:
+        trigger = WallClockCronTrigger(config.retrieve.schedule, config.retrieve.tzinfo)
+        missed = job_run_missed(config, RETRIEVE_JOB, trigger, datetime.now(UTC))
+        scheduler.add_job(
+            _retrieve_job,
+            trigger,
+            args=[config, stop],
+            id=RETRIEVE_JOB,
+            name="retrieve recent studies from the PACS",
+            # A run the schedule wanted while the daemon was down happens now.
+            **({"next_run_time": datetime.now(UTC)} if missed else {}),
+        )
+        logger.info(
+            "retrieve from the PACS scheduled %s%s",
+            trigger,
+            ": a missed run starts now" if missed else "",
+        )
     if config.retention.enabled:
         scheduler.add_job(
             _retention_job,
             "interval",
             minutes=config.retention.check_every_minutes,
-            args=[effective_policy(config.retention, config.convert.enabled), config.paths],
+            args=[
+                effective_policy(config.retention, config.convert.enabled),
+                config.paths,
+                config.retrieve,
+            ],
             id=RETENTION_JOB,
             name="prune the oldest studies when space is low",
             next_run_time=datetime.now(UTC),
         )
 
 
-def _retention_job(settings: RetentionConfig, paths: PathsConfig) -> None:
+def _retention_job(settings: RetentionConfig, paths: PathsConfig, pacs: RetrieveConfig) -> None:
     catalog = Catalog(paths.state)  # one connection per job run: jobs run in threads
     started = time.time()
     try:
         plan, result = prune_now(
-            catalog, settings, paths.archive, paths.state, dry_run=False, now=time.time
+            catalog,
+            settings,
+            paths.archive,
+            paths.state,
+            dry_run=False,
+            now=time.time,
+            verify=pacs_copy_check(pacs, catalog) if settings.require_pacs_copy else None,
         )
         catalog.record_job_run(RETENTION_JOB, started, time.time(), describe_outcome(plan, result))
     except PruneBusyError as exc:
@@ -161,9 +200,14 @@ def _retention_job(settings: RetentionConfig, paths: PathsConfig) -> None:
 
 def conversion_run_missed(config: Config, trigger: WallClockCronTrigger, now: datetime) -> bool:
     """Whether the conversion schedule fired since the last run started (or never ran)."""
+    return job_run_missed(config, CONVERT_JOB, trigger, now)
+
+
+def job_run_missed(config: Config, job: str, trigger: WallClockCronTrigger, now: datetime) -> bool:
+    """Whether a cron job's schedule fired since its last run started (or it never ran)."""
     catalog = Catalog(config.paths.state)
     try:
-        last = catalog.last_job_run(CONVERT_JOB)
+        last = catalog.last_job_run(job)
     finally:
         catalog.close()
     started = None if last is None else datetime.fromtimestamp(last.started_at, UTC)
@@ -177,6 +221,73 @@ def _convert_job(settings: ConvertConfig, paths: PathsConfig, stop: threading.Ev
         logger.warning("scheduled conversion skipped: %s", exc)
     except Exception:  # the job's boundary: log it, the next run tries again
         logger.exception("the conversion run failed; the next scheduled run retries")
+
+
+def retrieve_now(
+    config: Config, *, date_range: str | None = None, stop: threading.Event | None = None
+) -> RetrieveRun:
+    """One retrieve run (the scheduled job, and `dcmdb retrieve`), recorded as a job run.
+    With method "move" the PACS sends to listener.ae_title: the daemon's listener, or, when
+    none runs here, a temporary one for the length of the run. Raises PacsError when the
+    PACS cannot be queried, ServiceError when no listener can receive."""
+    if date_range is None:
+        today = datetime.now(config.retrieve.tzinfo).date()
+        date_range = lookback_range(today, config.retrieve.lookback_days)
+    catalog = Catalog(config.paths.state)  # one connection per job run: jobs run in threads
+    started = time.time()
+    try:
+        with _move_destination(config):
+            run = run_retrieve(
+                config.retrieve,
+                config.listener.ae_title,
+                config.paths.incoming,
+                catalog,
+                date_range=date_range,
+                stop=stop,
+            )
+        catalog.record_job_run(RETRIEVE_JOB, run.started_at, run.finished_at, run.describe())
+    except (PacsError, ServiceError) as exc:
+        catalog.record_job_run(RETRIEVE_JOB, started, time.time(), f"FAILED: {exc}")
+        raise
+    finally:
+        catalog.close()
+    return run
+
+
+@contextmanager
+def _move_destination(config: Config) -> Iterator[None]:
+    """For a C-MOVE, a listener that receives: a temporary one when the port is free, else
+    (the daemon runs) the one that holds the port."""
+    if config.retrieve.method != "move":
+        yield
+        return
+    listener = Listener(config.listener, config.paths.incoming)
+    try:
+        listener.start()
+    except ListenerError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            logger.info(
+                "retrieve: listener.port %d is in use (the daemon's listener): the PACS sends "
+                "there",
+                config.listener.port,
+            )
+            yield
+            return
+        raise ServiceError(str(exc)) from exc
+    try:
+        yield
+    finally:
+        listener.stop()
+
+
+def _retrieve_job(config: Config, stop: threading.Event) -> None:
+    try:
+        retrieve_now(config, stop=stop)
+    except (PacsError, ServiceError) as exc:
+        logger.error("the retrieve run failed: %s; the next scheduled run retries", exc)
+    except Exception:  # the job's boundary: log it, the next run tries again
+        logger.exception("the retrieve run failed; the next scheduled run retries")
 
 
 def _dicomdir_check_interval(settings: DicomdirConfig) -> float:
@@ -301,6 +412,15 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
             ),
         )
         worker.start()
+        listener = Listener(config.listener, config.paths.incoming)
+        if config.listener.enabled:
+            try:
+                listener.start()
+            except ListenerError as exc:
+                worker.stop()
+                worker.join(timeout=60.0)
+                reader.shutdown()
+                raise ServiceError(str(exc)) from exc
         watcher.start()
         try:
             metrics.start()
@@ -322,7 +442,9 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
         last_report = last_ping = time.monotonic()
         tick = min(1.0, notifier.watchdog_interval or 1.0)
         while not signals.stop.wait(tick):
-            dead = _dead_parts(worker, watcher, scheduler)
+            dead = _dead_parts(worker, watcher, scheduler) or (
+                "the DICOM listener" if config.listener.enabled and not listener.is_alive() else ""
+            )
             if dead:
                 # No more WATCHDOG=1: systemd would restart a hung daemon; a dead part is
                 # certain, so exit at once and let Restart=on-failure do it.
@@ -348,6 +470,7 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
         notifier.send("STOPPING=1")
         if signals.stop_name:
             logger.info("%s received: finishing the files in hand", signals.stop_name)
+        listener.stop()  # first: nothing new arrives while the worker finishes
         watcher.stop()
         worker.stop()
         worker.join(timeout=60.0)
@@ -375,7 +498,9 @@ def _status_line(config: Config, worker: IngestWorker) -> str:
     """STATUS= for `systemctl status`: the queue and the latest job results."""
     catalog = Catalog(config.paths.state)
     try:
-        jobs = {name: catalog.last_job_run(name) for name in (CONVERT_JOB, RETENTION_JOB)}
+        jobs = {
+            name: catalog.last_job_run(name) for name in (CONVERT_JOB, RETENTION_JOB, RETRIEVE_JOB)
+        }
     finally:
         catalog.close()
     parts = [f"queue {worker.pending}"]
@@ -407,7 +532,7 @@ def _reload(
     logging.getLogger().setLevel(new.logging.level.upper())
     needs_restart = [
         name
-        for name in ("paths", "ingest", "sorting", "metrics")
+        for name in ("paths", "ingest", "sorting", "metrics", "listener")
         if getattr(new, name) != getattr(config, name)
     ]
     if needs_restart:
