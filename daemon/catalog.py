@@ -197,7 +197,6 @@ class StudyPlacement:
     study_row_id: int
     folder_id: int
     folder_name: str
-    being_deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,11 +453,11 @@ class Catalog:
     def study_placement(self, study_instance_uid: str) -> StudyPlacement | None:
         """Where the study's first instance put it, or None for a new study."""
         row = self._db.execute(
-            "SELECT s.id, s.folder_id, f.name, s.deleting_since IS NOT NULL FROM studies s"
+            "SELECT s.id, s.folder_id, f.name FROM studies s"
             " JOIN folders f ON f.id = s.folder_id WHERE s.study_instance_uid = ?",
             (study_instance_uid,),
         ).fetchone()
-        return StudyPlacement(row[0], row[1], row[2], bool(row[3])) if row else None
+        return StudyPlacement(*row) if row else None
 
     def folder_named(self, name: str, name_key: str, now: float) -> tuple[int, str]:
         """The folder whose key is name_key, created as `name` if none has it yet.
@@ -979,10 +978,15 @@ class Catalog:
         )
         return [rel_path for (rel_path,) in rows]
 
-    def nifti_study_dir(self, series: SeriesToConvert, name_for: Callable[[int], str]) -> str:
+    def nifti_study_dir(
+        self, series: SeriesToConvert, name_for: Callable[[int], str]
+    ) -> str | None:
         """The study's NIfTI folder name: chosen once (name_for(attempt) until one is free in
-        the physician folder, case-insensitively), then kept."""
+        the physician folder, case-insensitively), then kept. None if retention is deleting
+        the study, or has deleted it."""
         with self.transaction():
+            if not self._study_is_live(series.study_row_id):
+                return None
             row = self._db.execute(
                 "SELECT dir_name FROM nifti_studies WHERE study_row_id = ?",
                 (series.study_row_id,),
@@ -998,17 +1002,21 @@ class Catalog:
                         " VALUES (?, ?, ?, ?)",
                         (series.study_row_id, series.folder_id, name, fold_case(name)),
                     )
-                except sqlite3.IntegrityError:
+                except sqlite3.IntegrityError as exc:
+                    _raise_unless_name_taken(exc)
                     attempt += 1
                     continue
                 return name
 
     def begin_conversion(
         self, series: SeriesToConvert, stem_for: Callable[[int], str], now: float
-    ) -> str:
+    ) -> str | None:
         """Mark the series pending (a killed run leaves it so: converted again next time) and
-        return its output name stem, chosen once per series and free in its study."""
+        return its output name stem, chosen once per series and free in its study; None if
+        retention is deleting the study, or has deleted it."""
         with self.transaction():
+            if not self._study_is_live(series.study_row_id):
+                return None
             row = self._db.execute(
                 "SELECT stem FROM conversions WHERE series_row_id = ?", (series.series_row_id,)
             ).fetchone()
@@ -1028,10 +1036,25 @@ class Catalog:
                         " state, started_at) VALUES (?, ?, ?, ?, 'pending', ?)",
                         (series.series_row_id, series.study_row_id, stem, fold_case(stem), now),
                     )
-                except sqlite3.IntegrityError:
+                except sqlite3.IntegrityError as exc:
+                    _raise_unless_name_taken(exc)
                     attempt += 1
                     continue
                 return stem
+
+    def _study_is_live(self, study_row_id: int) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM studies WHERE id = ? AND deleting_since IS NULL", (study_row_id,)
+        ).fetchone()
+        return row is not None
+
+    def record_outputs(self, series: SeriesToConvert, outputs: list[str]) -> None:
+        """The files the series' conversion is about to make visible (with the previous
+        ones), before they are."""
+        self._db.execute(
+            "UPDATE conversions SET outputs = ? WHERE series_row_id = ?",
+            (json.dumps(outputs), series.series_row_id),
+        )
 
     def finish_conversion(
         self,
@@ -1236,8 +1259,12 @@ class Catalog:
         instances, protected, or gone): then None. Start-up finishes a marked deletion."""
         with self.transaction():
             changed = self._db.execute(
-                "SELECT 1 FROM studies WHERE id = ? AND deleting_since IS NULL"
-                " AND protected = 0 AND last_received_at = ?",
+                "SELECT 1 FROM studies st WHERE st.id = ? AND st.deleting_since IS NULL"
+                " AND st.protected = 0 AND st.last_received_at = ?"
+                # an instance of it still being moved in by ingest: not now
+                " AND NOT EXISTS (SELECT 1 FROM ingest_journal j"
+                "  JOIN instances i ON i.id = j.instance_row_id"
+                "  JOIN series se ON se.id = i.series_row_id WHERE se.study_row_id = st.id)",
                 (study_row_id, planned_received_at),
             ).fetchone()
             if not changed:
@@ -1258,9 +1285,7 @@ class Catalog:
         row = self._db.execute(
             "SELECT st.id, st.study_instance_uid, f.id, f.name, st.study_date,"
             " st.study_description, p.dir_name, st.dir_name, ns.dir_name, st.deleting_since,"
-            " (SELECT coalesce(sum(i.size), 0) FROM instances i JOIN series se"
-            "  ON se.id = i.series_row_id WHERE se.study_row_id = st.id)"
-            " + (SELECT coalesce(sum(output_bytes), 0) FROM conversions"
+            " st.bytes + (SELECT coalesce(sum(output_bytes), 0) FROM conversions"
             "  WHERE study_row_id = st.id)"
             " FROM studies st JOIN folders f ON f.id = st.folder_id"
             " JOIN patients p ON p.id = st.patient_row_id"
@@ -1315,6 +1340,13 @@ class Catalog:
 
 
 NameFn = Callable[[str, int], str]
+
+
+def _raise_unless_name_taken(error: sqlite3.IntegrityError) -> None:
+    """A UNIQUE clash means the name is taken: try the next. Anything else (a row it refers
+    to is gone) would clash on every name."""
+    if getattr(error, "sqlite_errorname", "") != "SQLITE_CONSTRAINT_UNIQUE":
+        raise error
 
 
 def new_uid() -> str:

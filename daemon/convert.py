@@ -46,6 +46,7 @@ from daemon.catalog import Catalog, SeriesToConvert, StudyConversion
 from daemon.config import ConvertConfig, PathsConfig
 from daemon.fsops import TEMP_PREFIX, LockBusyError, exclusive_lock, write_bytes_atomically
 from daemon.layout import nifti_name
+from daemon.model import format_size
 from daemon.nifti import ConversionOutcome, ConversionRequest, convert_series, engine_version
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class ConversionRun:
     def describe_memory(self) -> str:
         if not self.worker_peak_rss:
             return ""
-        workers = ", ".join(f"{rss / 2**20:.0f} MiB" for rss in self.worker_peak_rss)
+        workers = ", ".join(format_size(rss) for rss in self.worker_peak_rss)
         return f"peak memory of the workers: {workers}"
 
 
@@ -224,21 +225,23 @@ class _ConversionJobs:
         if not files:
             return None  # its instances are still being moved in: the next run has them
         fields: dict[str, str | int | None] = {**series.study_fields}
-        if series.study_row_id not in self._study_dirs:
-            self._study_dirs[series.study_row_id] = self._catalog.nifti_study_dir(
-                series,
-                lambda attempt: nifti_name(
-                    self._settings.study_template, fields, fallback="study", attempt=attempt
-                ),
-            )
+        study_dir_name = self._study_dirs.get(series.study_row_id) or self._catalog.nifti_study_dir(
+            series,
+            lambda attempt: nifti_name(
+                self._settings.study_template, fields, fallback="study", attempt=attempt
+            ),
+        )
         fields.update(series.series_fields)
-        stem = self._catalog.begin_conversion(
+        stem = study_dir_name and self._catalog.begin_conversion(
             series,
             lambda attempt: nifti_name(
                 self._settings.series_template, fields, fallback="series", attempt=attempt
             ),
             self._now(),
         )
+        if not study_dir_name or not stem:
+            return None  # retention is deleting the study
+        self._study_dirs[series.study_row_id] = study_dir_name
         study_dir = self.study_dir(series)
         study_dir.mkdir(parents=True, exist_ok=True)
         work_dir = study_dir.parent / f"{_WORK_DIR_PREFIX}{series.series_row_id}"
@@ -266,9 +269,22 @@ class _ConversionJobs:
         prefix = f"{NIFTI_DIR}/{study_dir.name}/"
         outputs = list(series.outputs)
         if outcome.state == "converted":
-            for name in outcome.outputs:
-                os.replace(work_dir / name, study_dir / name)
             outputs = [prefix + name for name in outcome.outputs]
+            # Known before they are visible: a kill during the renames leaves no file that
+            # the next run would not know to replace or remove.
+            self._catalog.record_outputs(series, sorted({*series.outputs, *outputs}))
+            try:
+                for name in outcome.outputs:
+                    os.replace(work_dir / name, study_dir / name)
+            except FileNotFoundError:
+                # Retention took the study's NIfTI folder to its trash meanwhile.
+                logger.info(
+                    "series %s in %s: its study was deleted during the conversion",
+                    series.series_instance_uid,
+                    series.folder_name,
+                )
+                shutil.rmtree(work_dir, ignore_errors=True)
+                return
         elif outcome.state == "skipped":
             outputs = []
         # A failure keeps the previous outputs: older, but the best there is.
@@ -322,7 +338,8 @@ def _write_report(study_dir: Path, conversions: list[StudyConversion], now: floa
         "skipped: not a volume (a report, a localizer, too few slices...); its DICOM is kept",
         "failed: the converter could not make a volume; the DICOM is kept, ask your admin",
     ]
-    write_bytes_atomically(study_dir / CONVERSION_REPORT, ("\n".join(lines) + "\n").encode())
+    if study_dir.is_dir():  # else retention deleted the study during the run
+        write_bytes_atomically(study_dir / CONVERSION_REPORT, ("\n".join(lines) + "\n").encode())
 
 
 # ---- worker processes --------------------------------------------------------------------

@@ -490,3 +490,27 @@ def test_a_catalog_of_the_first_release_is_migrated_with_its_rows_kept(volume: V
         db.close()
     assert version == len(MIGRATIONS)
     assert {"conversions", "nifti_studies", "job_runs"} <= tables
+
+
+def test_a_study_deleted_under_the_conversion_job_is_skipped_not_retried_forever(
+    volume: Volume, tmp_path: Path
+) -> None:
+    _configure(volume)
+    write_series(tmp_path / "in", SeriesSpec(slices=3))
+    _ingest(volume, tmp_path / "in")
+    config = load_config(volume.config)
+    catalog = Catalog(volume.state)
+    try:
+        (series,) = catalog.series_to_convert(time.time(), 0, 3)
+        # Retention deletes the study between the job's query and its first write.
+        other = Catalog(volume.state)
+        try:
+            other.delete_study(series.study_row_id, time.time())
+        finally:
+            other.close()
+        assert catalog.nifti_study_dir(series, lambda attempt: f"study{attempt}") is None
+        assert catalog.begin_conversion(series, lambda attempt: f"s{attempt}", 0.0) is None
+    finally:
+        catalog.close()
+    run = run_conversions(config.convert, config.paths)
+    assert run.due == 0
