@@ -3,11 +3,13 @@ scheduler (APScheduler 3) whose jobs are idempotent catch-ups over the catalog; 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -19,7 +21,7 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from daemon.catalog import Catalog
+from daemon.catalog import Catalog, CatalogError, JobRun
 from daemon.config import (
     Config,
     ConfigError,
@@ -96,7 +98,15 @@ def open_archiver(config: Config, *, keep_source: bool = False) -> Iterator[Arch
             keep_source=keep_source,
         )
         archiver.recover()
-        finish_interrupted_prunes(catalog, config.paths.archive, config.paths.state, time.time())
+        try:
+            finish_interrupted_prunes(
+                catalog, config.paths.archive, config.paths.state, time.time()
+            )
+        except Exception:  # the archive must run; the next retention check tries again
+            logger.exception(
+                "could not finish a deletion interrupted by a crash; the next retention check "
+                "tries again (see `dcmdb prune --dry-run`)"
+            )
         yield archiver
     finally:
         catalog.close()
@@ -114,14 +124,17 @@ def start_scheduler(config: Config, stop: threading.Event) -> BackgroundSchedule
     return scheduler
 
 
-def schedule_jobs(scheduler: BackgroundScheduler, config: Config, stop: threading.Event) -> None:
+def schedule_jobs(
+    scheduler: BackgroundScheduler, config: Config, stop: threading.Event, *, starting: bool = True
+) -> None:
     """(Re)define every job from `config`; a run in progress finishes under the old one."""
     scheduler.remove_all_jobs()
     scheduler.add_job(
         _dicomdir_job,
         "interval",
         seconds=_dicomdir_check_interval(config.dicomdir),
-        args=[config, _FirstRun(), _NoSpaceNotice()],
+        # At start-up, folders left dirty are rewritten at once; at a reload the delays hold.
+        args=[config, _FirstRun(starting), _NoSpaceNotice()],
         id="dicomdir",
         name="rewrite DICOMDIRs of changed folders",
         next_run_time=datetime.now(UTC),
@@ -300,8 +313,8 @@ class _FirstRun:
     """True once: at start-up, folders left dirty by the last run are rewritten at once (the
     stream that made them dirty has stopped with the daemon)."""
 
-    def __init__(self) -> None:
-        self._first = True
+    def __init__(self, first: bool = True) -> None:
+        self._first = first
 
     def __call__(self) -> bool:
         first, self._first = self._first, False
@@ -454,13 +467,13 @@ def run_daemon(config: Config, environ: Mapping[str, str] = os.environ) -> int:
             now = time.monotonic()
             if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval / 2:
                 last_ping = now
-                notifier.send("WATCHDOG=1", _status_line(config, worker))
+                notifier.send("WATCHDOG=1")
             if signals.reload.is_set():
                 signals.reload.clear()
                 config = _reload(config, scheduler, signals.stop, notifier)
             if now - last_report >= 60.0:
                 last_report = now
-                notifier.send(_status_line(config, worker))
+                notifier.send(_status_line(config, worker))  # errors are caught there
                 logger.info(
                     "ingest: %d files pending; so far %s%s",
                     worker.pending,
@@ -495,14 +508,20 @@ def _dead_parts(
 
 
 def _status_line(config: Config, worker: IngestWorker) -> str:
-    """STATUS= for `systemctl status`: the queue and the latest job results."""
-    catalog = Catalog(config.paths.state)
+    """STATUS= for `systemctl status`: the queue and the latest job results. The job results
+    are extra: a catalog that cannot be read now leaves them out, it does not stop the loop."""
+    jobs: dict[str, JobRun | None] = {}
     try:
-        jobs = {
-            name: catalog.last_job_run(name) for name in (CONVERT_JOB, RETENTION_JOB, RETRIEVE_JOB)
-        }
-    finally:
-        catalog.close()
+        catalog = Catalog(config.paths.state)
+        try:
+            jobs = {
+                name: catalog.last_job_run(name)
+                for name in (CONVERT_JOB, RETENTION_JOB, RETRIEVE_JOB)
+            }
+        finally:
+            catalog.close()
+    except (CatalogError, sqlite3.Error) as exc:
+        logger.warning("status line without job results: %s", exc)
     parts = [f"queue {worker.pending}"]
     if worker.paused:
         parts.append("INGEST PAUSED (disk full)")
@@ -528,13 +547,13 @@ def _reload(
         )
         notifier.send("READY=1", "STATUS=config reload failed: running on the previous one")
         return config
-    schedule_jobs(scheduler, new, stop)
+    restart_only = ("paths", "ingest", "sorting", "metrics", "listener")
+    needs_restart = [name for name in restart_only if getattr(new, name) != getattr(config, name)]
+    # What runs on until a restart keeps running as it is: the jobs must use the same
+    # folders, catalog and listener as ingest does.
+    new = dataclasses.replace(new, **{name: getattr(config, name) for name in restart_only})
+    schedule_jobs(scheduler, new, stop, starting=False)
     logging.getLogger().setLevel(new.logging.level.upper())
-    needs_restart = [
-        name
-        for name in ("paths", "ingest", "sorting", "metrics", "listener")
-        if getattr(new, name) != getattr(config, name)
-    ]
     if needs_restart:
         logger.warning(
             "SIGHUP: changes in [%s] take effect at the next restart (systemctl restart dcmdb)",

@@ -1147,3 +1147,29 @@ def test_the_bytes_a_study_frees_are_its_files_on_disk_after_ingest_duplicates_a
         if p.is_file() and p.name != "conversion.txt"
     )
     assert prunable.bytes == on_disk
+
+
+def test_a_study_with_an_instance_still_being_moved_in_is_not_marked_for_deletion(
+    volume: Volume, tmp_path: Path
+) -> None:
+    write_series(tmp_path / "in", SeriesSpec(slices=3))
+    assert dcmdb(volume, "ingest", str(tmp_path / "in")).returncode == 0
+    catalog = Catalog(volume.state)
+    try:
+        (study,) = catalog.prunable_studies()
+        db = sqlite3.connect(volume.state / "catalog.sqlite")
+        try:  # as ingest leaves it between committing a row and finishing the move
+            (instance_row_id,) = db.execute("SELECT min(id) FROM instances").fetchone()
+            db.execute(
+                "INSERT INTO ingest_journal (instance_row_id, source_path, keep_source)"
+                " VALUES (?, '/incoming/x.dcm', 0)",
+                (instance_row_id,),
+            )
+            db.commit()
+        finally:
+            db.close()
+        assert catalog.mark_study_deleting(study.study_row_id, study.received_at, 0.0) is None
+        catalog.finish_moves([instance_row_id])
+        assert catalog.mark_study_deleting(study.study_row_id, study.received_at, 0.0)
+    finally:
+        catalog.close()
