@@ -40,7 +40,7 @@ from datetime import date, datetime, time
 from datetime import tzinfo as TzInfo
 from fractions import Fraction
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import tzlocal  # the server's local time zone, DST-aware; APScheduler 3 depends on it
 
@@ -862,15 +862,44 @@ def _load_sorting(table: Mapping[str, object], errors: list[str]) -> SortingConf
     )
 
 
+def _parse_template(template: str, listed: str) -> tuple[list[Any], list[str]]:
+    """string.Formatter's parse of a naming template, or why it cannot be parsed."""
+    if not template:
+        return [], [f"must not be empty; use some of {listed}"]
+    try:
+        return list(string.Formatter().parse(template)), []
+    except ValueError as exc:
+        return [], [f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"]
+
+
+def _shown_placeholder(name: str, conversion: str | None, format_spec: str | None) -> str:
+    return (
+        "{"
+        + name
+        + (f"!{conversion}" if conversion else "")
+        + (f":{format_spec}" if format_spec else "")
+        + "}"
+    )
+
+
+def _template_text_problems(template: str, literal: str, hidden: str) -> list[str]:
+    """The text a template writes as it is must be valid in a name on the share."""
+    problems: list[str] = []
+    forbidden = sorted({char for char in literal if char in FORBIDDEN_FOLDER_CHARS})
+    if forbidden:
+        problems.append(f"text outside placeholders must not contain {' '.join(forbidden)}")
+    if any(_is_control(char) for char in literal):
+        problems.append("must not contain control characters")
+    if template.startswith("."):
+        problems.append(f"must not start with '.' (a hidden {hidden})")
+    return problems
+
+
 def _template_problems(template: str) -> list[str]:
     allowed = ", ".join(f"{{{name}}}" for name in PN_COMPONENTS)
-    if not template:
-        return [f"must not be empty; use some of {allowed}"]
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return [f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"]
-    problems: list[str] = []
+    parsed, problems = _parse_template(template, allowed)
+    if problems:
+        return problems
     literal = ""
     placeholders = 0
     for text, name, format_spec, conversion in parsed:
@@ -878,13 +907,7 @@ def _template_problems(template: str) -> list[str]:
         if name is None:
             continue
         placeholders += 1
-        shown = (
-            "{"
-            + name
-            + (f"!{conversion}" if conversion else "")
-            + (f":{format_spec}" if format_spec else "")
-            + "}"
-        )
+        shown = _shown_placeholder(name, conversion, format_spec)
         if name not in PN_COMPONENTS:
             hint = _suggest(name, PN_COMPONENTS, wrap="{}")
             problems.append(f"unknown placeholder {shown}; allowed: {allowed}{hint}")
@@ -897,14 +920,7 @@ def _template_problems(template: str) -> list[str]:
         problems.append(
             f"has no placeholder, so every physician would share one folder; use some of {allowed}"
         )
-    forbidden = sorted({char for char in literal if char in FORBIDDEN_FOLDER_CHARS})
-    if forbidden:
-        problems.append(f"text outside placeholders must not contain {' '.join(forbidden)}")
-    if any(_is_control(char) for char in literal):
-        problems.append("must not contain control characters")
-    if template.startswith("."):
-        problems.append("must not start with '.' (a hidden folder)")
-    return problems
+    return problems + _template_text_problems(template, literal, "folder")
 
 
 def _folder_name_problem(name: str, max_length: int) -> str | None:
@@ -1212,13 +1228,9 @@ def _load_memory_limit(section: _Section, default: str) -> str:
 def _naming_template_problems(template: str, allowed: tuple[str, ...], what: str) -> list[str]:
     """Why ``template`` cannot name a converted study or series (``what``), if it cannot."""
     listed = ", ".join(f"{{{name}}}" for name in allowed)
-    if not template:
-        return [f"must not be empty; use some of {listed}"]
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return [f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"]
-    problems: list[str] = []
+    parsed, problems = _parse_template(template, listed)
+    if problems:
+        return problems
     literal = ""
     placeholders = 0
     for text, name, spec, conversion in parsed:
@@ -1227,13 +1239,7 @@ def _naming_template_problems(template: str, allowed: tuple[str, ...], what: str
             continue
         placeholders += 1
         format_spec = spec or ""
-        shown = (
-            "{"
-            + name
-            + (f"!{conversion}" if conversion else "")
-            + (f":{format_spec}" if format_spec else "")
-            + "}"
-        )
+        shown = _shown_placeholder(name, conversion, format_spec)
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if not name or name.isdigit():
             problems.append(f"placeholder {shown} has no field name; use one of {listed}")
@@ -1263,13 +1269,7 @@ def _naming_template_problems(template: str, allowed: tuple[str, ...], what: str
         problems.append(
             f"has no field, so every {what} would get the same name; use some of {listed}"
         )
-    forbidden = sorted({char for char in literal if char in FORBIDDEN_FOLDER_CHARS})
-    if forbidden:
-        problems.append(f"text outside placeholders must not contain {' '.join(forbidden)}")
-    if any(_is_control(char) for char in literal):
-        problems.append("must not contain control characters")
-    if template.startswith("."):
-        problems.append("must not start with '.' (a hidden file)")
+    problems += _template_text_problems(template, literal, "file")
     if not problems:
         try:
             template.format_map(_TEMPLATE_SAMPLE)
