@@ -39,7 +39,7 @@ from typing import Any
 
 from daemon.catalog import Catalog, PrunableStudy, StudyDeletion
 from daemon.config import RetentionConfig
-from daemon.fsops import LockBusyError, exclusive_lock
+from daemon.fsops import LockBusyError, exclusive_lock, write_bytes_atomically
 from daemon.model import format_size
 
 logger = logging.getLogger(__name__)
@@ -404,16 +404,23 @@ def _record(deletion: StudyDeletion, archive: Path, state_dir: Path, reason: str
         "bytes": deletion.bytes,
         "reason": reason,
     }
-    _append_line(state_dir / PRUNED_LOG, json.dumps(entry, ensure_ascii=False))
     described = " ".join(
         part for part in (_display_date(deletion.study_date), deletion.study_description) if part
     )
-    _append_line(
-        archive / deletion.folder_name / PRUNED_NOTE,
+    note = archive / deletion.folder_name / PRUNED_NOTE
+    try:
+        previous = note.read_bytes()
+    except FileNotFoundError:
+        previous = b""
+    line = (
         f"{when:%Y-%m-%d %H:%M}  deleted study {described or '(no date, no description)'}"
         f" ({format_size(deletion.bytes)}, StudyInstanceUID {deletion.study_instance_uid}):"
-        f" {reason}. Ask your admin if you still need it; the PACS may hold a copy.",
+        f" {reason}. Ask your admin if you still need it; the PACS may hold a copy.\n"
     )
+    # The note is on the share: replaced whole, so a reader never sees half a line. It is
+    # written first: a study in pruned.jsonl (what recovery checks) has its note too.
+    write_bytes_atomically(note, previous + line.encode("utf-8"))
+    _append_line(state_dir / PRUNED_LOG, json.dumps(entry, ensure_ascii=False))
 
 
 def _recorded_studies(state_dir: Path) -> set[str]:
