@@ -254,6 +254,14 @@ class LoggingConfig:
     format: str = "text"
 
 
+def schedule_timezone(name: str) -> TzInfo:
+    """A schedule's time zone: the IANA zone ``name``, or the server's local zone (DST-aware)
+    when it is ""."""
+    if name:
+        return zoneinfo.ZoneInfo(name)
+    return tzlocal.get_localzone()
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
     enabled: bool = True  # the scheduled conversion job runs
@@ -277,10 +285,7 @@ class ConvertConfig:
 
     @property
     def tzinfo(self) -> TzInfo:
-        """The schedule's time zone: ``timezone``, or the server's local zone (DST-aware)."""
-        if self.timezone:
-            return zoneinfo.ZoneInfo(self.timezone)
-        return tzlocal.get_localzone()
+        return schedule_timezone(self.timezone)
 
     @property
     def effective_workers(self) -> int:
@@ -429,10 +434,7 @@ class RetrieveConfig:
 
     @property
     def tzinfo(self) -> TzInfo:
-        """The schedule's time zone: ``timezone``, or the server's local zone (DST-aware)."""
-        if self.timezone:
-            return zoneinfo.ZoneInfo(self.timezone)
-        return tzlocal.get_localzone()
+        return schedule_timezone(self.timezone)
 
     @property
     def pacs_configured(self) -> bool:
