@@ -31,7 +31,6 @@ instance's own character set.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import logging
@@ -682,7 +681,7 @@ def rewrite_due_folders(
         try:
             count = rewrite_folder(catalog, archive, folder, now=now)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in fsops.NO_SPACE_ERRNOS:
                 raise  # every other folder would fail too: the caller waits for room
             logger.exception(
                 "rewriting the DICOMDIR of %s failed; it is tried again at the next run", folder

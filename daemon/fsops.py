@@ -17,6 +17,9 @@ from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
 
+# A write that fails with these ran out of room (EDQUOT: the dcmdb user's quota), not a bad file.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 # Hot paths pass plain strings: pathlib costs more than the system calls here.
 StrPath = str | os.PathLike[str]
 

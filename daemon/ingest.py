@@ -19,7 +19,6 @@ quarantined), and ingest resumes by itself once the space is back.
 
 from __future__ import annotations
 
-import errno
 import heapq
 import logging
 import multiprocessing
@@ -68,8 +67,6 @@ SAME_UID_IN_BATCH = "another file with the same SOP Instance UID is in this batc
 # Outcome.RETRY detail of a file that did not fit: it stays in incoming/ until space returns.
 NO_SPACE = "no space left on the filesystem"
 STUDY_BEING_DELETED = "its study is being deleted by retention; tried again once it is gone"
-# A write that fails with these ran out of room (EDQUOT: the dcmdb user's quota), not a bad file.
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def is_ignored_name(name: str) -> bool:
@@ -118,7 +115,7 @@ def out_of_space_cause(error: BaseException) -> BaseException | None:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+        if isinstance(current, OSError) and current.errno in fsops.NO_SPACE_ERRNOS:
             return current
         if isinstance(current, sqlite3.Error):
             code = getattr(current, "sqlite_errorcode", None)
